@@ -1,0 +1,140 @@
+"""Backbones built offline: a tiny random Qwen2 model with a locally trained tokenizer.
+
+``python -m mimigenrec.backbones tiny --out DIR [--data_dir O]`` builds one in seconds; it is
+the model of the tests and of the README's main job. GGUF import lives in
+:mod:`mimigenrec.gguf_import`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_BASE_CORPUS = [
+    "system user assistant recommender history item items title semantic id candidates answer",
+    "<think> </think> reasoning the user likes prefers bought next likely because similar brand",
+    "Predict the next item the user will interact with. Answer with its semantic ID.",
+    "The quick brown fox jumps over the lazy dog 0 1 2 3 4 5 6 7 8 9 , . ; : ! ? ( ) [ ] \" '",
+]
+
+
+def _corpus(extra: Iterable[str] | None) -> list[str]:
+    from mimigenrec import prompts
+
+    texts = list(_BASE_CORPUS) + [prompts.SYSTEM]
+    texts += [t["instruction"] for t in prompts.TASKS.values()]
+    texts += list(extra or [])
+    return texts
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
+    """Byte-level BPE trained on ``texts`` with ChatML specials; returns a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"], model_max_length=4096,
+        padding_side="left",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def add_item_tokens(tokenizer, model, tokens: Sequence[str]) -> int:
+    """Add SID tokens as normal (non-special) single tokens and resize the embeddings."""
+    from tokenizers import AddedToken
+
+    n = tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in tokens])
+    if n:
+        model.resize_token_embeddings(len(tokenizer))
+    return n
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    new_tokens: Sequence[str] | None = None,
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 2048,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write a random Qwen2 causal LM + tokenizer (ChatML template, EOS ``<|im_end|>``) to ``out_dir``."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    tok = train_tokenizer(_corpus(corpus), vocab_size)
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        torch_dtype="float32",
+    )
+    model = Qwen2ForCausalLM(cfg)
+    if new_tokens:
+        add_item_tokens(tok, model, new_tokens)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _titles(data_dir: str | Path | None, limit: int = 20000) -> list[str]:
+    if not data_dir:
+        return []
+    from mimigenrec.io import DataDir
+
+    items = DataDir(data_dir).load_items()
+    return [it.get("title", "") for it in list(items.values())[:limit]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mimigenrec.backbones", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tiny", help="build the tiny random Qwen2 model + local tokenizer",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--out", required=True, help="output model directory")
+    t.add_argument("--data_dir", help="preprocessed dataset dir: its item titles join the tokenizer corpus")
+    t.add_argument("--add_sid_tokens", action="store_true",
+                   help="also add the dataset's new_tokens.json (LLaMA-Factory's add_tokens does this at SFT time)")
+    t.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary size before added tokens")
+    t.add_argument("--hidden_size", type=int, default=64, help="model width")
+    t.add_argument("--num_layers", type=int, default=2, help="transformer layers")
+    t.add_argument("--seed", type=int, default=0, help="weight-init seed")
+    a = p.parse_args(argv)
+    toks = None
+    if a.add_sid_tokens:
+        from mimigenrec.io import DataDir, read_json
+
+        toks = read_json(DataDir(a.data_dir).new_tokens)
+    out = build_tiny_model(a.out, toks, _titles(a.data_dir), a.vocab_size, a.hidden_size, a.num_layers, a.seed)
+    print(json.dumps({"model": str(out)}))
+
+
+if __name__ == "__main__":
+    main()

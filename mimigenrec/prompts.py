@@ -1,0 +1,185 @@
+"""The one prompt-template module: SFT rows, RL rows and evaluation prompts all come from here.
+
+A prompt is rendered exactly as LLaMA-Factory's alpaca converter renders it
+(``user = instruction + "\\n" + input``), so the text the model sees at SFT time is
+the text RL rollouts and evaluation feed it (see :func:`chat_messages`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+SYSTEM = (
+    "You are a recommender system. Read the user's interaction history and answer "
+    "with exactly what the instruction asks for."
+)
+
+# Items are referred to in candidate lists as "[ITEM_<id>]".
+ITEM_REF = "[ITEM_{}]"
+ITEM_REF_RE = re.compile(r"\[ITEM_(\d+)\]")
+THINK_RE = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.S)
+SID_TOKEN_RE = re.compile(r"<[a-z]_\d+>")
+
+# task name -> (instruction, what the history shows, what the answer is)
+TASKS: dict[str, dict[str, str]] = {
+    "sid_seq": {
+        "instruction": "Predict the next item the user will interact with. Answer with its semantic ID.",
+        "history": "sid",
+        "answer": "sid",
+    },
+    "title_seq2sid": {
+        "instruction": "Predict the next item the user will interact with. Answer with its semantic ID.",
+        "history": "title",
+        "answer": "sid",
+    },
+    "sid_seq2title": {
+        "instruction": "Predict the next item the user will interact with. Answer with its title.",
+        "history": "sid",
+        "answer": "title",
+    },
+    "title2sid": {"instruction": "Give the semantic ID of this item.", "history": "none", "answer": "sid"},
+    "sid2title": {"instruction": "Give the title of the item with this semantic ID.", "history": "none", "answer": "title"},
+    "cand_rank": {
+        "instruction": (
+            "Choose the item the user is most likely to interact with next from the candidates. "
+            "Answer with its reference, e.g. [ITEM_12]."
+        ),
+        "history": "title",
+        "answer": "item_ref",
+    },
+}
+SEQ_TASKS = ("sid_seq", "title_seq2sid", "sid_seq2title")
+ITEM_TASKS = ("title2sid", "sid2title")
+
+
+def sid_string(tokens: Sequence[str]) -> str:
+    """``["<a_1>","<b_2>"]`` -> ``"<a_1><b_2>"``."""
+    return "".join(tokens)
+
+
+def split_sid(text: str) -> list[str]:
+    """Inverse of :func:`sid_string` (ignores anything that is not a SID token)."""
+    return SID_TOKEN_RE.findall(text)
+
+
+def item_ref(item_id: int | str) -> str:
+    return ITEM_REF.format(int(item_id))
+
+
+def _item_text(item: Mapping[str, Any], caption: str | None = None) -> str:
+    title = item.get("title") or f"item {item['item_id']}"
+    return f"{title} (looks like: {caption})" if caption else title
+
+
+def render_history(
+    history: Sequence[int],
+    kind: str,
+    items: Mapping[int, Mapping[str, Any]],
+    id2sid: Mapping[int, Sequence[str]] | None = None,
+    captions: Mapping[int, str] | None = None,
+) -> str:
+    """Comma-separated history in the chosen view ("sid" or "title"), oldest first."""
+    if kind == "sid":
+        assert id2sid is not None, "sid history needs id2sid"
+        return ", ".join(sid_string(id2sid[i]) for i in history)
+    caps = captions or {}
+    return "; ".join(f'"{_item_text(items[i], caps.get(i))}"' for i in history)
+
+
+def render_candidates(cands: Sequence[int], items: Mapping[int, Mapping[str, Any]],
+                      captions: Mapping[int, str] | None = None) -> str:
+    caps = captions or {}
+    return "\n".join(f"{item_ref(c)} {_item_text(items[c], caps.get(c))}" for c in cands)
+
+
+def answer_text(task: str, target: int, items: Mapping[int, Mapping[str, Any]],
+                id2sid: Mapping[int, Sequence[str]] | None = None) -> str:
+    """The answer string for ``target`` under ``task`` (no reasoning part)."""
+    kind = TASKS[task]["answer"]
+    if kind == "sid":
+        assert id2sid is not None
+        return sid_string(id2sid[target])
+    if kind == "title":
+        return items[target].get("title") or f"item {target}"
+    return item_ref(target)
+
+
+def with_think(reasoning: str, answer: str) -> str:
+    """Target with a reasoning part: ``<think>reasoning</think>answer``."""
+    return f"<think>{reasoning.strip()}</think>{answer}"
+
+
+def parse_answer(completion: str) -> tuple[str | None, str]:
+    """Split a completion into (reasoning or None, answer), stripping whitespace."""
+    m = THINK_RE.match(completion)
+    if m:
+        return m.group(1).strip(), m.group(2).strip()
+    return None, completion.strip()
+
+
+def build_input(
+    task: str,
+    *,
+    history: Sequence[int] = (),
+    item: int | None = None,
+    items: Mapping[int, Mapping[str, Any]],
+    id2sid: Mapping[int, Sequence[str]] | None = None,
+    captions: Mapping[int, str] | None = None,
+    candidates: Sequence[int] | None = None,
+    cot_reference: str | None = None,
+) -> str:
+    """The ``input`` field of a row for ``task``."""
+    spec = TASKS[task]
+    if spec["history"] == "none":
+        assert item is not None
+        if spec["answer"] == "sid":
+            return f'Item title: "{items[item].get("title") or f"item {item}"}"'
+        return f"Semantic ID: {sid_string(id2sid[item])}"  # type: ignore[index]
+    parts = [f"User history (oldest first): {render_history(history, spec['history'], items, id2sid, captions)}"]
+    if candidates is not None:
+        parts.append("Candidates:\n" + render_candidates(candidates, items, captions))
+    if cot_reference:
+        parts.append(f"Reference reasoning: {cot_reference.strip()}")
+    return "\n".join(parts)
+
+
+def sft_row(task: str, input_text: str, output: str, system: str = SYSTEM) -> dict[str, str]:
+    """LLaMA-Factory alpaca row."""
+    return {"system": system, "instruction": TASKS[task]["instruction"], "input": input_text, "output": output}
+
+
+def chat_messages(row: Mapping[str, str]) -> list[dict[str, str]]:
+    """Alpaca row -> chat messages, joined exactly like LLaMA-Factory's alpaca converter."""
+    user = "\n".join(x for x in (row["instruction"], row.get("input", "")) if x)
+    msgs = []
+    if row.get("system"):
+        msgs.append({"role": "system", "content": row["system"]})
+    msgs.append({"role": "user", "content": user})
+    return msgs
+
+
+def rl_row(
+    sft: Mapping[str, str],
+    *,
+    data_source: str,
+    task: str,
+    split: str,
+    index: int,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """verl-style RL row built from the SFT row (same prompt text, ground truth carried in the row)."""
+    _, answer = parse_answer(sft["output"])
+    info = {"split": split, "index": index, "task": task}
+    info.update(extra or {})
+    return {
+        "data_source": data_source,
+        "prompt": chat_messages(sft),
+        "ability": "seq_rec",
+        "reward_model": {"style": "rule", "ground_truth": answer},
+        "extra_info": info,
+    }
+
+
+def render_prompt(tokenizer: Any, messages: Iterable[Mapping[str, str]]) -> str:
+    """Chat messages -> prompt string with the generation prompt, via the tokenizer's chat template."""
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

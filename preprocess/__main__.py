@@ -1,0 +1,44 @@
+"""``python -m preprocess <stage> ...``: one sub-command per stage module.
+
+Each stage module in this package exposes ``add_arguments(parser)`` and ``run(args)``
+and a one-line module docstring used as the sub-command's help.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+STAGES = ["amazon18", "movielens", "embed", "sid", "caption", "cot", "build", "all"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m preprocess",
+        description="Raw interaction logs -> ids/splits -> embeddings -> semantic IDs -> captions/CoT -> SFT/RL JSON.",
+    )
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    modules = {}
+    for name in STAGES:
+        try:
+            mod = importlib.import_module(f"preprocess.{name}_stage" if name == "all" else f"preprocess.{name}")
+        except ModuleNotFoundError as e:  # a stage not written yet / optional dependency missing
+            if e.name and e.name.startswith("preprocess."):
+                continue
+            raise
+        doc = (mod.__doc__ or name).strip().splitlines()[0]
+        p = sub.add_parser(name, help=doc, description=(mod.__doc__ or doc).strip(),
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        mod.add_arguments(p)
+        modules[name] = mod
+    args = parser.parse_args(argv)
+    from mimigenrec.io import BadInputError
+    try:
+        return int(modules[args.stage].run(args) or 0)
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

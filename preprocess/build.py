@@ -1,0 +1,218 @@
+"""Build LLaMA-Factory SFT JSON, verl-style RL JSON and register the datasets in dataset_info.json.
+
+Reads the files of the earlier stages (items.jsonl, inter/*.jsonl, id2sid.json, and when
+present captions.jsonl and cot.jsonl) and writes O/sft/{train,valid,test}.json,
+O/rl/{train,valid,test}.json, O/sft_full.yaml / O/sft_lora.yaml (complete
+llamafactory-cli configs with add_tokens filled in) and idempotent entries
+"<name>_sft_<split>" in <dataset_dir>/dataset_info.json.
+
+Tasks (prompt text from mimigenrec.prompts): sid_seq (SID history -> next SID),
+title_seq2sid (title history -> next SID), sid_seq2title (SID history -> next title),
+title2sid / sid2title (item-level, training only), cand_rank (history + candidate list
+"[ITEM_id] Title" -> chosen item). Valid/test rows are built for --eval_tasks only.
+CoT (from the cot stage) is mixed into exactly round(cot_prob * n) of the eligible
+training rows, chosen by a seeded draw keyed by (user_id, position), never by row index.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from mimigenrec import prompts
+from mimigenrec.io import SPLITS, BadInputError, DataDir, read_json, read_jsonl, write_json
+
+ALL_TASKS = list(prompts.TASKS)
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out_dir", required=True, help="preprocessed dataset directory (input and output)")
+    p.add_argument("--name", help="dataset name for dataset_info.json (default: basename of --out_dir)")
+    p.add_argument("--dataset_dir", default="data",
+                   help="LLaMA-Factory dataset_dir whose dataset_info.json gets the entries")
+    p.add_argument("--tasks", default="sid_seq,title2sid,sid2title,sid_seq2title,title_seq2sid",
+                   help=f"SFT training tasks, comma-separated, from {ALL_TASKS}")
+    p.add_argument("--eval_tasks", default="sid_seq", help="tasks of the SFT valid/test files")
+    p.add_argument("--rl_tasks", default="sid_seq", help="tasks of the RL files (all splits)")
+    p.add_argument("--num_negatives", type=int, default=9, help="sampled negatives per cand_rank row")
+    p.add_argument("--cot_prob", type=float, default=0.0,
+                   help="fraction of eligible training rows (those with a kept CoT) that carry CoT")
+    p.add_argument("--cot_mode", choices=["think", "reference"], default="think",
+                   help="think: CoT becomes the <think> part of the target; reference: CoT is shown in the prompt")
+    p.add_argument("--cot_tasks", default="sid_seq,title_seq2sid,cand_rank", help="tasks whose rows may carry CoT")
+    p.add_argument("--seed", type=int, default=42, help="seed of the CoT draw and candidate sampling")
+    p.add_argument("--max_train_rows", type=int, default=0, help="cap per training task (0 = no cap; seeded subsample)")
+    p.add_argument("--sft_model", default="runs/models/tiny", help="model_name_or_path written into the SFT yamls")
+
+
+def _seeded_pick(keys: list[tuple], k: int, seed: int) -> set[tuple]:
+    """Exactly ``k`` of ``keys`` chosen by a seeded shuffle of the sorted keys (order-independent)."""
+    ks = sorted(keys)
+    random.Random(seed).shuffle(ks)
+    return set(ks[:k])
+
+
+class _Builder:
+    def __init__(self, args: argparse.Namespace):
+        self.a = args
+        self.d = DataDir(args.out_dir)
+        for path in (self.d.items, self.d.id2sid, self.d.inter("train")):
+            if not path.exists():
+                raise BadInputError(f"{path} is missing: run the earlier stages first (python -m preprocess all ...)")
+        self.items = self.d.load_items()
+        self.id2sid = self.d.load_id2sid()
+        missing = [i for i in self.items if i not in self.id2sid]
+        if missing:
+            raise BadInputError(f"{self.d.id2sid}: {len(missing)} item(s) of items.jsonl have no SID, e.g. {missing[:5]}")
+        self.captions = ({int(r["item_id"]): r["caption"] for r in read_jsonl(self.d.captions)}
+                         if self.d.captions.exists() else {})
+        self.rows = {s: read_jsonl(self.d.inter(s)) for s in SPLITS}
+        self.name = args.name or self.d.root.resolve().name
+        self.cot = self._load_cot()
+        self._cands: dict[str, list[list[int]]] = {}
+
+    def _load_cot(self) -> dict[tuple[int, int], str]:
+        if not self.d.cot.exists():
+            return {}
+        out = {}
+        for r in read_jsonl(self.d.cot):
+            if r.get("kept") and r.get("reasoning") and not (r.get("hindsight") and False):
+                out[(int(r["user_id"]), int(r["position"]))] = r["reasoning"]
+        return out
+
+    def candidates(self, split: str) -> list[list[int]]:
+        if split not in self._cands:
+            from mimigenrec.candidates import sample_candidates
+
+            self._cands[split] = sample_candidates(
+                self.rows[split], sorted(self.items), self.a.num_negatives, self.a.seed,
+                cache_dir=self.d.candidates, split=split,
+            )
+        return self._cands[split]
+
+    def seq_rows(self, task: str, split: str, cot_pick: set | None = None) -> list[tuple[dict, dict]]:
+        """(sft_row, extra_info) for every interaction row of ``split`` under ``task``."""
+        out = []
+        cands = self.candidates(split) if task == "cand_rank" else None
+        for i, r in enumerate(self.rows[split]):
+            key = (int(r["user_id"]), int(r["position"]))
+            reasoning = self.cot.get(key) if cot_pick and (task, *key) in cot_pick else None
+            c = cands[i] if cands is not None else None
+            inp = prompts.build_input(
+                task, history=r["history"], items=self.items, id2sid=self.id2sid, captions=self.captions,
+                candidates=c, cot_reference=reasoning if self.a.cot_mode == "reference" else None,
+            )
+            ans = prompts.answer_text(task, r["target"], self.items, self.id2sid)
+            if reasoning and self.a.cot_mode == "think":
+                ans = prompts.with_think(reasoning, ans)
+            extra = {"user_id": key[0], "position": key[1], "target": int(r["target"]),
+                     "history": list(r["history"]), "cot": bool(reasoning)}
+            if c is not None:
+                extra["candidates"] = list(c)
+            out.append((prompts.sft_row(task, inp, ans), extra))
+        return out
+
+    def item_rows(self, task: str) -> list[tuple[dict, dict]]:
+        out = []
+        for i in sorted(self.items):
+            inp = prompts.build_input(task, item=i, items=self.items, id2sid=self.id2sid)
+            out.append((prompts.sft_row(task, inp, prompts.answer_text(task, i, self.items, self.id2sid)),
+                        {"target": i}))
+        return out
+
+    def cot_pick(self) -> set:
+        """Exactly round(cot_prob * n) eligible (task, user, position) training rows get CoT."""
+        if self.a.cot_prob <= 0 or not self.cot:
+            return set()
+        tasks = [t for t in _csv(self.a.tasks) if t in _csv(self.a.cot_tasks)]
+        eligible = [(t, int(r["user_id"]), int(r["position"])) for t in tasks for r in self.rows["train"]
+                    if (int(r["user_id"]), int(r["position"])) in self.cot]
+        return _seeded_pick(eligible, round(self.a.cot_prob * len(eligible)), self.a.seed)
+
+    def task_rows(self, task: str, split: str, cot_pick: set | None = None) -> list[tuple[dict, dict]]:
+        if task not in prompts.TASKS:
+            raise BadInputError(f"unknown task {task!r}; choose from {ALL_TASKS}")
+        if task in prompts.ITEM_TASKS:
+            return self.item_rows(task) if split == "train" else []
+        rows = self.seq_rows(task, split, cot_pick)
+        if split == "train" and self.a.max_train_rows and len(rows) > self.a.max_train_rows:
+            rows = random.Random(self.a.seed).sample(rows, self.a.max_train_rows)
+        return rows
+
+
+def _register(dataset_dir: Path, name: str, out_dir: Path) -> Path:
+    """Idempotently add "<name>_sft_<split>" entries to dataset_info.json."""
+    info_path = dataset_dir / "dataset_info.json"
+    info = read_json(info_path) if info_path.exists() else {}
+    for split in SPLITS:
+        f = DataDir(out_dir).sft(split).resolve()
+        try:
+            rel = os.path.relpath(f, dataset_dir.resolve())
+            fname = rel if not rel.startswith("..") else str(f)
+        except ValueError:
+            fname = str(f)
+        info[f"{name}_sft_{split}"] = {
+            "file_name": fname, "formatting": "alpaca",
+            "columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system"},
+        }
+    write_json(info_path, dict(sorted(info.items())), indent=2)
+    return info_path
+
+
+def sft_yaml(name: str, dataset_dir: str, model: str, tokens: list[str], lora: bool) -> dict[str, Any]:
+    """A complete llamafactory-cli SFT config for this dataset (CPU-safe defaults; override on the CLI)."""
+    cfg: dict[str, Any] = {
+        "model_name_or_path": model, "trust_remote_code": True, "stage": "sft", "do_train": True,
+        "finetuning_type": "lora" if lora else "full",
+        "dataset": f"{name}_sft_train", "eval_dataset": f"{name}_sft_valid", "dataset_dir": dataset_dir,
+        "template": "qwen", "cutoff_len": 1024, "overwrite_cache": True, "preprocessing_num_workers": 1,
+        "add_tokens": ",".join(tokens),
+        "output_dir": f"runs/sft/{name}_{'lora' if lora else 'full'}", "overwrite_output_dir": True,
+        "logging_steps": 10, "save_steps": 500, "plot_loss": True, "report_to": "none",
+        "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+        "learning_rate": 2.0e-4 if lora else 1.0e-4, "num_train_epochs": 3.0,
+        "lr_scheduler_type": "cosine", "warmup_ratio": 0.03, "bf16": False,
+        "per_device_eval_batch_size": 8, "eval_strategy": "no",
+    }
+    if lora:
+        cfg.update({"lora_rank": 16, "lora_alpha": 32, "lora_target": "all"})
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    t0 = time.time()
+    b = _Builder(args)
+    pick = b.cot_pick()
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        sft, rl = [], []
+        sft_tasks = _csv(args.tasks) if split == "train" else _csv(args.eval_tasks)
+        for task in sft_tasks:
+            sft += [row for row, _ in b.task_rows(task, split, pick if split == "train" else None)]
+        for task in _csv(args.rl_tasks):
+            for idx, (row, extra) in enumerate(b.task_rows(task, split)):
+                rl.append(prompts.rl_row(row, data_source=b.name, task=task, split=split, index=idx, extra=extra))
+        write_json(b.d.sft(split), sft)
+        write_json(b.d.rl(split), rl)
+        counts[split] = {"sft": len(sft), "rl": len(rl)}
+    tokens = read_json(b.d.new_tokens)
+    info = _register(Path(args.dataset_dir), b.name, b.d.root)
+    for lora in (False, True):
+        path = b.d.root / f"sft_{'lora' if lora else 'full'}.yaml"
+        path.write_text(yaml.safe_dump(sft_yaml(b.name, args.dataset_dir, args.sft_model, tokens, lora), sort_keys=False))
+    n_cot = sum(1 for _ in pick)
+    print(f"[build] {b.name}: " + ", ".join(f"{s}: sft {c['sft']} / rl {c['rl']}" for s, c in counts.items())
+          + f"; CoT rows {n_cot}; registered in {info}; {time.time() - t0:.1f}s")
+    write_json(b.d.root / "build_stats.json", {"counts": counts, "cot_rows": n_cot, "seconds": time.time() - t0,
+                                               "tasks": _csv(args.tasks), "cot_prob": args.cot_prob,
+                                               "cot_mode": args.cot_mode, "seed": args.seed})
+    return 0
