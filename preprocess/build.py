@@ -83,18 +83,19 @@ class _Builder:
             return {}
         out = {}
         for r in read_jsonl(self.d.cot):
-            if r.get("kept") and r.get("reasoning") and not (r.get("hindsight") and False):
+            if r.get("kept") and r.get("reasoning"):
                 out[(int(r["user_id"]), int(r["position"]))] = r["reasoning"]
         return out
 
     def candidates(self, split: str) -> list[list[int]]:
         if split not in self._cands:
-            from mimigenrec.candidates import sample_candidates
+            from mimigenrec.candidates import cached_candidates
+            from mimigenrec.sequences import UserSequences
 
-            self._cands[split] = sample_candidates(
-                self.rows[split], sorted(self.items), self.a.num_negatives, self.a.seed,
-                cache_dir=self.d.candidates, split=split,
-            )
+            seqs = UserSequences(self.rows).seqs
+            pool = sorted({i for s in seqs.values() for i in s})
+            self._cands[split] = cached_candidates(
+                self.d.root, split, self.rows[split], pool, self.a.num_negatives, self.a.seed, exclude=seqs)
         return self._cands[split]
 
     def seq_rows(self, task: str, split: str, cot_pick: set | None = None) -> list[tuple[dict, dict]]:
