@@ -12,6 +12,10 @@ import sys
 STAGES = ["amazon18", "movielens", "embed", "sid", "caption", "cot", "build", "all"]
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the stage docstrings' layout and shows every option's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m preprocess",
@@ -28,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         doc = (mod.__doc__ or name).strip().splitlines()[0]
         p = sub.add_parser(name, help=doc, description=(mod.__doc__ or doc).strip(),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         mod.add_arguments(p)
         modules[name] = mod
     args = parser.parse_args(argv)

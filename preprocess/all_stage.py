@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="leave-one-out per user, or global-time 8:1:1")
     p.add_argument("--max_history", type=int, default=10, help="at most this many history items per row")
     p.add_argument("--encoder", default="minilm", help="embed: 'minilm' or a local HF causal-LM directory")
-    p.add_argument("--sid_method", default="rqkmeans", help="sid: rqkmeans | rqkmeans_balanced")
+    p.add_argument("--sid_method", default="rqkmeans_balanced", help="sid: rqkmeans | rqkmeans_balanced")
     p.add_argument("--levels", type=int, default=3, help="sid: residual levels")
     p.add_argument("--codebook_size", type=int, default=256, help="sid: codes per level")
     p.add_argument("--caption_backend", choices=["hf", "http"], help="caption images with this backend (off if unset)")
