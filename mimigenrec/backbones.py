@@ -52,7 +52,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"], model_max_length=4096,
-        padding_side="left",
+        padding_side="left", model_input_names=["input_ids", "attention_mask"],
     )
     fast.chat_template = CHATML_TEMPLATE
     return fast
@@ -76,8 +76,13 @@ def build_tiny_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    embed_std: float = 0.5,
 ) -> Path:
-    """Write a random Qwen2 causal LM + tokenizer (ChatML template, EOS ``<|im_end|>``) to ``out_dir``."""
+    """Write a random Qwen2 causal LM + tokenizer (ChatML template, EOS ``<|im_end|>``) to ``out_dir``.
+
+    ``embed_std``: std of the (tied) embeddings; 0.02 would give near-uniform next-token
+    distributions, where every beam ranking is a near-tie.
+    """
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -92,6 +97,8 @@ def build_tiny_model(
         torch_dtype="float32",
     )
     model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # tied embeddings drawn wide so a random model's next-token distribution is not flat
+        model.get_input_embeddings().weight.normal_(0.0, embed_std)
     if new_tokens:
         add_item_tokens(tok, model, new_tokens)
     model.generation_config = GenerationConfig(

@@ -1,0 +1,186 @@
+"""Prefill-once constrained beam search vs stock constrained ``generate`` beam search."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_trie import sharpen  # tests/ is on sys.path (no package)
+
+from mimigenrec import prompts
+from mimigenrec.beam_search import BeamResult, constrained_beam_search
+from mimigenrec.trie import ItemTrie
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny random Qwen2 (SID tokens added) and a unique random id2sid over 60 items."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mimigenrec.backbones import build_tiny_model
+
+    tokens = [f"<{lvl}_{i}>" for lvl in "abc" for i in range(8)]
+    out = build_tiny_model(tmp_path_factory.mktemp("tiny_beam"), new_tokens=tokens, seed=1)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = sharpen(AutoModelForCausalLM.from_pretrained(out).eval(), seed=3)
+    rng = random.Random(1)
+    codes = rng.sample([(a, b, c) for a in range(8) for b in range(8) for c in range(8)], 60)
+    id2sid = {i: [f"<a_{a}>", f"<b_{b}>", f"<c_{c}>"] for i, (a, b, c) in enumerate(codes)}
+    return model, tok, id2sid
+
+
+def batch(tok, n, seed=0):
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n):
+        hist = ", ".join(f"<a_{rng.randrange(8)}><b_{rng.randrange(8)}><c_{rng.randrange(8)}>"
+                         for _ in range(1 + (3 * i) % 7))
+        row = prompts.sft_row("sid_seq", f"User history (oldest first): {hist}", "")
+        texts.append(prompts.render_prompt(tok, prompts.chat_messages(row)))
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, return_token_type_ids=False)
+
+
+def random_token_trie(tok, n_items, seed):
+    """Items of unequal length (1-4 tokens + EOS) over random non-special vocab tokens, shared prefixes."""
+    rng = random.Random(seed)
+    special = set(tok.all_special_ids)
+    pool = rng.sample([t for t in range(len(tok)) if t not in special], 6)
+    seqs = set()
+    while len(seqs) < n_items:
+        seqs.add(tuple(rng.choice(pool) for _ in range(rng.randint(1, 4))) + (tok.eos_token_id,))
+    return ItemTrie.from_sequences(sorted(seqs), [100 + i for i in range(n_items)],
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                   vocab_size=len(tok))
+
+
+def assert_same(new: BeamResult, ref: BeamResult, trie: ItemTrie):
+    """Same ranking as stock beam search: every item stock returns, with the same score and tokens.
+
+    Stock marks empty slots with a -1e9 score that still counts as a finished hypothesis, so when
+    fewer than K valid continuations exist at some step it can stop before finding K items (its
+    extra slots decode to -1 here). The new search uses -inf, so it returns those items and may
+    add valid ones in stock's empty slots; where stock is full the item sets are equal.
+    """
+    assert new.items.shape == ref.items.shape
+    K = new.items.shape[1]
+    for b in range(new.items.shape[0]):
+        n = int((new.items[b] >= 0).sum())
+        assert (new.items[b, :n] >= 0).all() and (new.items[b, n:] == -1).all()
+        assert torch.isneginf(new.scores[b, n:]).all() and torch.isfinite(new.scores[b, :n]).all()
+        assert (new.scores[b, 1:n] <= new.scores[b, :n - 1] + 1e-6).all()
+        got = {int(i): k for k, i in enumerate(new.items[b, :n])}
+        ref_items = [int(i) for i in ref.items[b] if i >= 0]
+        assert set(ref_items) <= set(got) or len(ref_items) == K, (new.items[b], ref.items[b])
+        if len(ref_items) == K:  # stock found K items: same set, except ties at the boundary
+            kth = float(ref.scores[b, K - 1])
+            diff = set(ref_items) ^ set(got)
+            assert all(abs(float(new.scores[b, got[i]] if i in got else ref.scores[b, ref_items.index(i)]) - kth)
+                       < 1e-5 for i in diff), (new.items[b], ref.items[b])
+        for r, item in enumerate(ref_items):
+            if item not in got:
+                continue
+            k = got[item]
+            assert abs(float(new.scores[b, k]) - float(ref.scores[b, r])) < 1e-4
+            assert torch.equal(new.sequences[b, k], ref.sequences[b, r])
+            assert torch.allclose(new.token_logps[b, k], ref.token_logps[b, r], atol=1e-4)
+        assert torch.allclose(new.token_logps[b, :n].sum(-1), new.scores[b, :n], atol=1e-4)
+        for k in range(n):  # every returned answer decodes to its item
+            assert trie.item_of(new.sequences[b, k].tolist()) == int(new.items[b, k])
+
+
+@pytest.mark.parametrize("n_rows,beams", [(1, 4), (3, 4), (1, 20), (3, 20)])
+def test_matches_stock_generate_sid_trie(tiny, n_rows, beams):
+    model, tok, id2sid = tiny
+    trie = ItemTrie.from_id2sid(id2sid, tok)
+    enc = batch(tok, n_rows, seed=n_rows)
+    new = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, beams)
+    ref = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, beams, use_generate=True)
+    assert (new.items >= 0).all()  # 60 items > beams: every beam is a valid item
+    assert new.sequences.shape == (n_rows, beams, trie.max_len)
+    assert_same(new, ref, trie)
+    assert (new.scores[:, 1:] <= new.scores[:, :-1] + 1e-6).all()
+
+
+@pytest.mark.parametrize("seed,n_rows,beams,n_items", [(0, 1, 4, 12), (1, 3, 4, 30), (2, 3, 20, 12), (3, 1, 20, 40)])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_matches_stock_generate_random_tries(tiny, seed, n_rows, beams, n_items, renormalize):
+    model, tok, _ = tiny
+    trie = random_token_trie(tok, n_items, seed)
+    enc = batch(tok, n_rows, seed=10 + seed)
+    new = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, beams, renormalize=renormalize)
+    ref = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, beams,
+                                  renormalize=renormalize, use_generate=True)
+    assert_same(new, ref, trie)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_candidate_sets(tiny, renormalize):
+    model, tok, id2sid = tiny
+    trie = ItemTrie.from_id2sid(id2sid, tok)
+    enc = batch(tok, 3, seed=7)
+    cands = [[0, 5, 9], list(range(10, 40)), [59]]
+    allowed = trie.candidates_mask(cands)
+    new = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 5, allowed_items=allowed,
+                                  renormalize=renormalize)
+    ref = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 5, allowed_items=allowed,
+                                  renormalize=renormalize, use_generate=True)
+    assert_same(new, ref, trie)
+    for r, c in enumerate(cands):
+        got = [i for i in new.items[r].tolist() if i >= 0]
+        assert len(got) == min(5, len(c)) and set(got) <= set(c)
+    if renormalize:  # a single candidate is certain under the constrained policy
+        assert abs(float(new.scores[2, 0])) < 1e-5
+
+
+def test_bf16_runs_and_agrees_with_stock(tiny):
+    model, tok, id2sid = tiny
+    trie = ItemTrie.from_id2sid(id2sid, tok)
+    enc = batch(tok, 2, seed=5)
+    bf = constrained_beam_search(model.to(torch.bfloat16), enc.input_ids, enc.attention_mask, trie, 6)
+    model.to(torch.float32)
+    ref = constrained_beam_search(model.to(torch.bfloat16), enc.input_ids, enc.attention_mask, trie, 6,
+                                  use_generate=True)
+    model.to(torch.float32)
+    assert bf.scores.dtype == torch.float32 and (bf.items >= 0).all()
+    # bf16 prefill-once vs bf16 stock: batched shapes differ, so allow bf16-size score noise
+    assert torch.allclose(bf.scores, ref.scores, atol=0.1)
+    for b in range(2):  # items both return carry the same score up to bf16 noise (random model: near-ties)
+        ours = dict(zip(bf.items[b].tolist(), bf.scores[b].tolist()))
+        for item, score in zip(ref.items[b].tolist(), ref.scores[b].tolist()):
+            if item in ours:
+                assert abs(ours[item] - score) < 0.1
+
+
+def test_fewer_items_than_beams_pads(tiny):
+    model, tok, id2sid = tiny
+    small = {i: id2sid[i] for i in range(3)}
+    trie = ItemTrie.from_id2sid(small, tok)
+    enc = batch(tok, 2, seed=2)
+    res = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 5)
+    for r in range(2):
+        assert sorted(res.items[r, :3].tolist()) == [0, 1, 2]
+        assert res.items[r, 3:].tolist() == [-1, -1]
+        assert torch.isneginf(res.scores[r, 3:]).all()
+        assert (res.sequences[r, 3:] == tok.pad_token_id).all() and (res.token_logps[r, 3:] == 0).all()
+    # the full distribution over 3 items: renormalised scores are log-probs that sum to 1
+    ren = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 5, renormalize=True)
+    assert torch.allclose(ren.scores[:, :3].exp().sum(-1), torch.ones(2), atol=1e-4)
+
+
+def test_generation_config_cannot_leak(tiny):
+    """A model whose generation_config asks for sampling still gets deterministic beam search."""
+    model, tok, id2sid = tiny
+    trie = ItemTrie.from_id2sid(id2sid, tok)
+    enc = batch(tok, 2, seed=4)
+    ref = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 4, use_generate=True)
+    saved = model.generation_config
+    model.generation_config = saved.__class__(**{**saved.to_dict(), "do_sample": True, "temperature": 3.0,
+                                                  "top_k": 2, "top_p": 0.5, "repetition_penalty": 1.5,
+                                                  "length_penalty": 2.0, "num_beams": 7})
+    try:
+        runs = [constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 4, use_generate=u)
+                for u in (True, True, False)]
+    finally:
+        model.generation_config = saved
+    for r in runs:
+        assert torch.equal(r.items, ref.items) and torch.allclose(r.scores, ref.scores, atol=1e-4)
