@@ -1,0 +1,150 @@
+"""Reward functions for GRPO, chosen by name (``get_reward("rule")``) or by ``path/to/file.py:function``.
+
+Every reward has TRL's signature ``f(prompts=None, completions=None, completion_ids=None, **kwargs)
+-> list[float]`` and reads its ground truth from the row's own dataset columns, which TRL passes
+as keyword lists aligned with ``completions`` (``reward_model=[{"ground_truth": ...}, ...]``,
+``extra_info=[{"target": ..., "candidates": [...]}, ...]``). The trainer adds ``beam_rank`` in
+beam-search rollouts. Completions may be plain strings or chat messages.
+
+Built-in rewards (one module per family):
+
+=================  ==========================  ===================================================
+name               module                      formula
+=================  ==========================  ===================================================
+rule               rewards.sid_match           1 if the answer equals the ground truth else 0
+partial_match      rewards.sid_match           matched leading SID levels / levels of the truth
+ndcg_rank          rewards.sid_match           1 if hit else -1/log2(beam_rank + 2)
+format             rewards.format              1 if [<think>..</think>] + one well-formed answer
+think              rewards.format              1 if a non-empty <think>..</think> precedes an answer
+candidate_choice   rewards.candidate           +1 target, 0 other candidate, -1 invalid
+retrieval_ndcg     rewards.retrieval           1/log2(rank + 2) of the target under BM25(query)
+=================  ==========================  ===================================================
+
+A reward may declare keyword-only options (e.g. ``data_dir`` for the BM25 catalog); the
+trainer fills those named in ``get_reward(..., **context)`` and leaves the rest at their defaults.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+RewardFunc = Callable[..., list]
+
+_BUILTIN: dict[str, str] = {
+    "rule": "rewards.sid_match:rule",
+    "partial_match": "rewards.sid_match:partial_match",
+    "ndcg_rank": "rewards.sid_match:ndcg_rank",
+    "format": "rewards.format:format_reward",
+    "think": "rewards.format:think",
+    "candidate_choice": "rewards.candidate:candidate_choice",
+    "retrieval_ndcg": "rewards.retrieval:retrieval_ndcg",
+}
+
+
+def list_rewards() -> list[str]:
+    """Names of the built-in rewards."""
+    return sorted(_BUILTIN)
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as text: a string as is, chat messages -> their contents joined."""
+    if completion is None:
+        return ""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Mapping):
+        return str(completion.get("content") or "")
+    if isinstance(completion, Sequence):
+        return "".join(completion_text(m) for m in completion)
+    raise TypeError(f"unsupported completion type {type(completion).__name__}")
+
+
+def column(kwargs: Mapping[str, Any], name: str, n: int) -> list:
+    """Dataset column ``name`` from TRL's reward kwargs (``[None] * n`` when absent)."""
+    values = kwargs.get(name)
+    if values is None:
+        return [None] * n
+    if len(values) != n:
+        raise ValueError(f"reward kwarg '{name}' has {len(values)} values for {n} completions")
+    return list(values)
+
+
+def ground_truths(kwargs: Mapping[str, Any], n: int) -> list[str | None]:
+    """``reward_model[i]["ground_truth"]`` of every row (None where missing)."""
+    return [(rm or {}).get("ground_truth") if isinstance(rm, Mapping) else None
+            for rm in column(kwargs, "reward_model", n)]
+
+
+def extra_infos(kwargs: Mapping[str, Any], n: int) -> list[dict]:
+    """``extra_info`` dict of every row (empty where missing)."""
+    return [dict(x) if isinstance(x, Mapping) else {} for x in column(kwargs, "extra_info", n)]
+
+
+def _load_object(spec: str) -> Any:
+    """``module.path:attr`` or ``path/to/file.py:attr`` -> the object."""
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise ValueError(f"reward spec {spec!r}: expected 'name', 'module:function' or 'path/to/file.py:function'")
+    if target.endswith(".py"):
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"reward spec {spec!r}: no file {path}")
+        mod_name = f"_mimigenrec_user_reward_{abs(hash(str(path)))}"
+        module = sys.modules.get(mod_name)
+        if module is None:
+            loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[mod_name] = module
+            loader_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    else:
+        module = importlib.import_module(target)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise AttributeError(f"reward spec {spec!r}: {target} has no attribute {attr!r}") from None
+
+
+def _bind(fn: RewardFunc, name: str, context: Mapping[str, Any]) -> RewardFunc:
+    """Fill ``fn``'s keyword-only options that appear in ``context``; keep a readable ``__name__``."""
+    params = inspect.signature(fn).parameters
+    bound = {k: v for k, v in context.items()
+             if k in params and params[k].kind is inspect.Parameter.KEYWORD_ONLY and v is not None}
+    if not bound and getattr(fn, "__name__", None) == name:
+        return fn
+
+    @functools.wraps(fn)
+    def reward(*args, **kwargs):
+        return fn(*args, **{**bound, **kwargs})
+
+    reward.__name__ = name
+    return reward
+
+
+def get_reward(name_or_spec: str | RewardFunc, **context: Any) -> RewardFunc:
+    """A reward function by built-in name, ``module:function`` or ``path/to/file.py:function``.
+
+    ``context`` (e.g. ``data_dir=..., top_k=...``) fills the reward's keyword-only options of
+    the same names. A callable is returned as is (bound to ``context``).
+    """
+    if callable(name_or_spec):
+        return _bind(name_or_spec, getattr(name_or_spec, "__name__", "reward"), context)
+    spec = str(name_or_spec).strip()
+    if spec in _BUILTIN:
+        fn, name = _load_object(_BUILTIN[spec]), spec
+    elif ":" in spec:
+        fn = _load_object(spec)
+        name = getattr(fn, "__name__", spec.rpartition(":")[2])
+    else:
+        raise KeyError(f"unknown reward {spec!r}; built-in: {', '.join(list_rewards())}; "
+                       f"or give 'path/to/file.py:function'")
+    if not callable(fn):
+        raise TypeError(f"reward {spec!r} is not callable")
+    return _bind(fn, name, context)
+
+
+__all__ = ["completion_text", "column", "extra_infos", "get_reward", "ground_truths", "list_rewards"]

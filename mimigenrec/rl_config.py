@@ -1,0 +1,155 @@
+"""Typed RL configuration: every ``trl.GRPOConfig`` field plus ours, loaded from YAML + ``key=value``.
+
+``load_config("examples/rl/tiny_sample.yaml", ["learning_rate=1e-5", "rewards=[rule,format]"])``.
+Override values are parsed as YAML (``3`` -> int, ``true`` -> bool, ``[a,b]`` -> list, ``null``
+-> None). Unknown keys are an error naming the closest known ones. On a machine without CUDA,
+``bf16`` defaults to false; ``report_to`` defaults to ``none`` everywhere.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from trl import GRPOConfig
+
+__all__ = ["RLConfig", "load_config", "our_fields", "parse_overrides"]
+
+
+@dataclass
+class RLConfig(GRPOConfig):
+    """``GRPOConfig`` + the dataset, reward, rollout, LoRA and watch settings of mimigenrec."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "HF model directory to train (an SFT output; SID tokens already added)."})
+    data_dir: Optional[str] = field(
+        default=None, metadata={"help": "Preprocessed dataset dir O: reads O/rl/<split>.json, O/id2sid.json, "
+                                        "O/items.jsonl (docs/formats.md)."})
+    train_split: str = field(default="train", metadata={"help": "RL split trained on (O/rl/<split>.json)."})
+    eval_split: str = field(default="valid", metadata={"help": "RL split of the held-out NDCG@10 watch."})
+    max_train_rows: Optional[int] = field(
+        default=None, metadata={"help": "Train on a seeded random subset of this many rows (None = all)."})
+    rewards: list[str] = field(
+        default_factory=lambda: ["rule"],
+        metadata={"help": "Reward functions: built-in names (rule, partial_match, ndcg_rank, format, think, "
+                          "candidate_choice, retrieval_ndcg) or path/to/file.py:function. Weights: reward_weights."})
+    retrieval_top_k: int = field(default=100, metadata={"help": "Cut-off K of retrieval_ndcg (BM25 NDCG@K)."})
+    rollout_mode: str = field(
+        default="sample", metadata={"help": "sample: num_generations constrained samples per prompt; beam: one "
+                                            "constrained beam search per prompt, num_generations beams (ranked)."})
+    constrained: bool = field(
+        default=True, metadata={"help": "Trie-constrained rollouts and constrained-policy log-probs; false = stock "
+                                        "TRL free-form generation (e.g. <think> reasoning)."})
+    use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full model."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Module names LoRA adapts."})
+    lora_modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full beside LoRA (e.g. [embed_tokens, lm_head] so new "
+                                        "SID token embeddings keep learning)."})
+    eval_every_steps: int = field(
+        default=0, metadata={"help": "Every N optimizer steps log mean train reward and held-out NDCG@10 side by "
+                                     "side (0 = only at the end); a PNG of both is written at the end."})
+    eval_rows: int = field(default=64, metadata={"help": "Held-out rows of eval_split used by the NDCG watch "
+                                                         "(0 = no watch)."})
+    eval_num_beams: int = field(default=10, metadata={"help": "Beams of the watch (NDCG@eval_num_beams)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rollout_mode not in ("sample", "beam"):
+            raise ValueError(f"rollout_mode must be 'sample' or 'beam', got {self.rollout_mode!r}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards")
+
+
+def our_fields() -> list[str]:
+    """Names of the fields mimigenrec adds to GRPOConfig."""
+    base = {f.name for f in fields(GRPOConfig)}
+    return [f.name for f in fields(RLConfig) if f.name not in base]
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["a=1", "b=[x,y]"]`` -> ``{"a": 1, "b": ["x", "y"]}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise ValueError(f"override {p!r}: expected key=value")
+        out[key] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Strings YAML leaves as text (``1e-5``, ``"3"``) -> the field's scalar type; other values as they are."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if not isinstance(value, str):
+        if isinstance(value, int) and not isinstance(value, bool) and float in args and int not in args:
+            return float(value)
+        return value
+    for typ in args:
+        if typ is float:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif typ is int:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif typ is bool and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    if any(t in (float, int, bool) for t in args) and str not in args and not any(
+            isinstance(t, type) and issubclass(t, str) for t in args):
+        raise ValueError(f"config key {name}: {value!r} is not a valid {' or '.join(getattr(t, '__name__', str(t)) for t in args)}")
+    return value
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), **extra: Any) -> RLConfig:
+    """YAML file (optional) + ``key=value`` overrides + keyword values -> :class:`RLConfig`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{p}: expected a mapping of config keys")
+        values.update(loaded)
+    values.update(parse_overrides(overrides))
+    values.update(extra)
+    known = {f.name for f in fields(RLConfig) if f.init}
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        hints = "; ".join(f"{k} (did you mean {', '.join(difflib.get_close_matches(k, known, 3)) or '?'})"
+                          for k in unknown)
+        raise ValueError(f"unknown config key(s): {hints}")
+    hints = typing.get_type_hints(RLConfig)
+    values = {k: _coerce(k, v, hints.get(k, Any)) for k, v in values.items()}
+    if "bf16" not in values and not _cuda():
+        values["bf16"] = False
+    values.setdefault("report_to", "none")
+    from transformers import HfArgumentParser
+
+    (cfg,) = HfArgumentParser(RLConfig).parse_dict(values, allow_extra_keys=False)
+    return cfg

@@ -1,0 +1,179 @@
+"""GRPO with trie-constrained rollouts: ``python -m mimigenrec.train_grpo CONFIG.yaml [key=value ...]``.
+
+CONFIG holds any ``trl.GRPOConfig`` field plus mimigenrec's own (see ``--help``); ``key=value``
+arguments override it (values parsed as YAML). Usually launched by ``trl_trainer.sh`` through
+``accelerate launch``. Reads ``data_dir/rl/<split>.json``, ``id2sid.json`` and ``items.jsonl``;
+writes checkpoints (every ``save_steps``), the final model, ``reward_watch.{jsonl,png}`` to
+``output_dir``. ``resume_from_checkpoint=PATH`` (or ``true`` = latest in ``output_dir``) resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from mimigenrec.io import BadInputError, DataDir, read_json, read_jsonl
+
+__all__ = ["build_trainer", "load_rl_rows", "main", "run"]
+
+
+def load_rl_rows(path: str | Path) -> list[dict]:
+    """RL rows from a JSON array or JSON-lines file; every row checked (errors name file and row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"RL split not found: {path} (run the preprocess 'build' stage)")
+    with open(path, encoding="utf-8") as f:
+        head = f.read(64).lstrip()
+    rows = read_json(path) if head.startswith("[") else read_jsonl(path)
+    if not isinstance(rows, list):
+        raise BadInputError(f"{path}: expected a JSON array of RL rows")
+    for i, r in enumerate(rows):
+        where = f"{path}: row {i}"
+        if not isinstance(r, dict):
+            raise BadInputError(f"{where}: expected an object")
+        msgs = r.get("prompt")
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                               for m in msgs):
+            raise BadInputError(f"{where}: 'prompt' must be a non-empty list of {{role, content}} messages")
+        rm = r.get("reward_model")
+        if not isinstance(rm, dict) or rm.get("ground_truth") in (None, ""):
+            raise BadInputError(f"{where}: 'reward_model.ground_truth' is missing")
+        if not isinstance(r.get("extra_info", {}), dict):
+            raise BadInputError(f"{where}: 'extra_info' must be an object")
+    return rows
+
+
+def _subset(rows: list[dict], n: int | None, seed: int) -> list[dict]:
+    if n is None or n >= len(rows):
+        return rows
+    idx = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in idx]
+
+
+def _item_ids(dd: DataDir, id2sid: dict | None) -> list[int]:
+    if dd.items.is_file():
+        return [int(r["item_id"]) for r in read_jsonl(dd.items)]
+    return sorted(int(i) for i in (id2sid or {}))
+
+
+def build_trainer(cfg, callbacks: Sequence[Any] = ()):
+    """Tokenizer, answer space, datasets, rewards, LoRA -> a ready :class:`ConstrainedGRPOTrainer`."""
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoTokenizer
+
+    from mimigenrec.grpo import AnswerSpace, ConstrainedGRPOTrainer, answer_kind
+    from mimigenrec.reward_watch import RewardWatch
+    from rewards import get_reward
+
+    if not cfg.model_name_or_path:
+        raise ValueError("model_name_or_path is required")
+    if str(cfg.model_name_or_path).endswith(".gguf"):
+        raise ValueError("model_name_or_path is a GGUF file: convert it first (python -m mimigenrec.gguf_import)")
+    if not cfg.data_dir:
+        raise ValueError("data_dir is required")
+    dd = DataDir(cfg.data_dir)
+    train_rows = _subset(load_rl_rows(dd.rl(cfg.train_split)), cfg.max_train_rows, cfg.seed)
+    eval_rows: list[dict] = []
+    if cfg.eval_rows > 0 and dd.rl(cfg.eval_split).is_file():
+        eval_rows = _subset(load_rl_rows(dd.rl(cfg.eval_split)), cfg.eval_rows, cfg.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # causal LMs take no token_type_ids; a generic fast tokenizer would return them and generate() rejects them
+    tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
+
+    # the answer space: every rollout's trie when constrained; else only the NDCG watch's (item answers)
+    watch_kinds = {answer_kind(r["reward_model"]["ground_truth"]) for r in eval_rows}
+    space = None
+    if cfg.constrained or (eval_rows and None not in watch_kinds):
+        kinds = watch_kinds | ({answer_kind(r["reward_model"]["ground_truth"]) for r in train_rows}
+                               if cfg.constrained else set())
+        id2sid = dd.load_id2sid() if "sid" in kinds else None
+        refs = _item_ids(dd, id2sid) if "item" in kinds else None
+        vocab = getattr(AutoConfig.from_pretrained(cfg.model_name_or_path), "vocab_size", None)
+        space = AnswerSpace.build(tokenizer, id2sid, refs, vocab_size=vocab)
+        if cfg.constrained:
+            space.check_rows(train_rows, str(dd.rl(cfg.train_split)))
+        space.check_rows(eval_rows, str(dd.rl(cfg.eval_split)))
+
+    if "ndcg_rank" in cfg.rewards and cfg.rollout_mode != "beam":
+        raise ValueError("reward ndcg_rank needs beam ranks: set rollout_mode: beam")
+    reward_funcs = [get_reward(r, data_dir=cfg.data_dir, top_k=cfg.retrieval_top_k) for r in cfg.rewards]
+    peft_config = None
+    if cfg.use_lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=list(cfg.lora_target_modules),
+                                 modules_to_save=cfg.lora_modules_to_save, task_type="CAUSAL_LM")
+    trainer = ConstrainedGRPOTrainer(
+        model=cfg.model_name_or_path, reward_funcs=reward_funcs, args=cfg,
+        train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer, peft_config=peft_config,
+        callbacks=list(callbacks), answer_space=space, rollout_mode=cfg.rollout_mode, constrained=cfg.constrained,
+    )
+    if eval_rows and space is not None:
+        trainer.add_callback(RewardWatch(trainer, eval_rows, every=cfg.eval_every_steps, k=cfg.eval_num_beams,
+                                         batch_size=cfg.per_device_eval_batch_size))
+    return trainer
+
+
+def run(cfg) -> Any:
+    """Train per ``cfg`` (resuming if asked), save the final model; returns the trainer."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    trainer = build_trainer(cfg)
+    resume = cfg.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
+        resume = True
+    elif isinstance(resume, str) and resume.lower() in ("false", "none", ""):
+        resume = None
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(cfg.output_dir)
+    if trainer.accelerator.is_main_process:
+        summary = {"output_dir": cfg.output_dir, "global_step": trainer.state.global_step,
+                   "reward_history": trainer.reward_history[-5:]}
+        print(json.dumps(summary))
+    return trainer
+
+
+def _help_epilog() -> str:
+    from mimigenrec.rl_config import RLConfig, our_fields
+
+    lines = ["mimigenrec fields (besides every trl.GRPOConfig / TrainingArguments field):"]
+    meta = {f.name: f for f in fields(RLConfig)}
+    for name in our_fields():
+        f = meta[name]
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        lines.append(f"  {name} (default {default!r}): {f.metadata.get('help', '')}")
+    lines += [
+        "",
+        "Often used GRPOConfig fields: output_dir, num_generations, per_device_train_batch_size,",
+        "gradient_accumulation_steps, learning_rate, max_steps / num_train_epochs, beta, temperature,",
+        "reward_weights, save_steps, logging_steps, bf16, report_to, use_vllm, vllm_mode, seed.",
+        "Example: python -m mimigenrec.train_grpo examples/rl/tiny_sample.yaml max_steps=3 rewards=[rule,format]",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m mimigenrec.train_grpo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=_help_epilog() if any(a in ("-h", "--help") for a in argv) else None)
+    p.add_argument("config", help="YAML config (examples/rl/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field (YAML value)")
+    a = p.parse_args(argv)
+    from mimigenrec.rl_config import load_config
+
+    run(load_config(a.config, a.overrides))
+
+
+if __name__ == "__main__":
+    main()

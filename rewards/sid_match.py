@@ -1,0 +1,73 @@
+"""Answer-match rewards: exact match, per-level SID credit, rank-aware credit over beams.
+
+The answer is the completion after an optional leading ``<think>…</think>`` (see
+:func:`mimigenrec.prompts.parse_answer`); the truth is the row's ``reward_model.ground_truth``
+(a SID string such as ``<a_1><b_2><c_3>`` or an item reference such as ``[ITEM_12]``).
+Rows without a ground truth get ``None`` (TRL skips them for that reward).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mimigenrec.prompts import parse_answer, split_sid
+from rewards import completion_text, ground_truths
+
+
+def _answer(completion: Any) -> str:
+    return parse_answer(completion_text(completion))[1]
+
+
+def _levels(text: str) -> list[str]:
+    """SID tokens of ``text`` if it is nothing but SID tokens, else ``[]``."""
+    toks = split_sid(text)
+    return toks if toks and "".join(toks) == text else []
+
+
+def _hits(completions: list, truths: list[str | None]) -> list[bool | None]:
+    return [None if gt is None else _answer(c) == str(gt).strip() for c, gt in zip(completions, truths)]
+
+
+def rule(prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float | None]:
+    """r = 1 if answer == ground_truth else 0."""
+    completions = list(completions or [])
+    return [None if h is None else float(h) for h in _hits(completions, ground_truths(kwargs, len(completions)))]
+
+
+def partial_match(prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float | None]:
+    """r = (number of leading SID levels equal to the truth's) / (levels of the truth); item refs: exact match."""
+    completions = list(completions or [])
+    out: list[float | None] = []
+    for c, gt in zip(completions, ground_truths(kwargs, len(completions))):
+        if gt is None:
+            out.append(None)
+            continue
+        truth = _levels(str(gt).strip())
+        ans = _answer(c)
+        if not truth:  # not a SID (e.g. "[ITEM_12]"): all or nothing
+            out.append(float(ans == str(gt).strip()))
+            continue
+        pred = _levels(ans)
+        matched = 0
+        for p, t in zip(pred, truth):
+            if p != t:
+                break
+            matched += 1
+        out.append(matched / len(truth))
+    return out
+
+
+def ndcg_rank(prompts=None, completions=None, completion_ids=None, beam_rank=None, **kwargs) -> list[float | None]:
+    """r = 1 if answer == ground_truth else -1/log2(beam_rank + 2) (wrong beams ranked high cost most).
+
+    ``beam_rank`` (0 = best beam) is passed by the trainer in ``rollout_mode: beam``.
+    """
+    completions = list(completions or [])
+    if beam_rank is None:
+        raise ValueError("ndcg_rank needs beam ranks: use rollout_mode: beam (the trainer passes beam_rank)")
+    if len(beam_rank) != len(completions):
+        raise ValueError(f"beam_rank has {len(beam_rank)} values for {len(completions)} completions")
+    out: list[float | None] = []
+    for h, r in zip(_hits(completions, ground_truths(kwargs, len(completions))), beam_rank):
+        out.append(None if h is None else (1.0 if h else -1.0 / math.log2(int(r) + 2)))
+    return out

@@ -1,0 +1,281 @@
+"""ConstrainedGRPOTrainer on a tiny random model: valid rollouts in both modes, constrained
+log-probs against brute force, and a real 3-step run through trl_trainer.sh that resumes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import make_dataset
+from mimigenrec import prompts
+from mimigenrec.io import read_json, read_jsonl, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+G = 4  # num_generations
+
+
+def write_rl_splits(d, cand_every: int = 0, n_cands: int = 5, seed: int = 0) -> None:
+    """RL rows from the dataset's interactions: sid_seq rows, and every ``cand_every``-th row a cand_rank one."""
+    items, id2sid = d.load_items(), d.load_id2sid()
+    rng = random.Random(seed)
+    for split in ("train", "valid", "test"):
+        rows = []
+        for i, r in enumerate(read_jsonl(d.inter(split))):
+            extra = {"user_id": r["user_id"], "position": r["position"], "target": r["target"]}
+            task, cands = "sid_seq", None
+            if cand_every and i % cand_every == 1:
+                task = "cand_rank"
+                cands = [r["target"]] + rng.sample([j for j in items if j != r["target"]], n_cands - 1)
+                rng.shuffle(cands)
+                extra["candidates"] = cands
+            inp = prompts.build_input(task, history=r["history"], items=items, id2sid=id2sid, candidates=cands)
+            sft = prompts.sft_row(task, inp, prompts.answer_text(task, r["target"], items, id2sid))
+            rows.append(prompts.rl_row(sft, data_source="toy", task=task, split=split, index=i, extra=extra))
+        write_json(d.rl(split), rows)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny dataset (SID rows + candidate rows) and a tiny model holding its SID tokens."""
+    from mimigenrec.backbones import build_tiny_model
+
+    root = tmp_path_factory.mktemp("grpo")
+    d = make_dataset(root / "ds")
+    write_rl_splits(d, cand_every=3)
+    items = d.load_items()
+    model = build_tiny_model(root / "model", new_tokens=read_json(d.new_tokens),
+                             corpus=[it["title"] for it in items.values()])
+    return SimpleNamespace(root=root, data=d, model=model, id2sid=d.load_id2sid())
+
+
+def make_trainer(world, tmp_path, **overrides):
+    from mimigenrec.rl_config import load_config
+    from mimigenrec.train_grpo import build_trainer
+
+    values = dict(model_name_or_path=str(world.model), data_dir=str(world.data.root), output_dir=str(tmp_path / "out"),
+                  num_generations=G, per_device_train_batch_size=2 * G, max_steps=1, eval_rows=0, seed=0,
+                  rewards=["rule", "partial_match", "candidate_choice"], use_cpu=True)
+    values.update(overrides)
+    return build_trainer(load_config(None, **values))
+
+
+def group_batch(trainer, idx):
+    """Dataset rows ``idx``, each repeated num_generations times (as TRL's RepeatSampler does)."""
+    return [trainer.train_dataset[i] for i in idx for _ in range(G)]
+
+
+def decoded(trainer, out) -> list[str]:
+    return trainer.processing_class.batch_decode(out["completion_ids"], skip_special_tokens=True)
+
+
+def valid_answers(world, row) -> set[str]:
+    cands = (row["extra_info"] or {}).get("candidates")
+    if cands is not None:
+        return {prompts.item_ref(c) for c in cands}
+    return {prompts.sid_string(s) for s in world.id2sid.values()}
+
+
+@pytest.mark.parametrize("mode", ["sample", "beam"])
+def test_every_rollout_is_a_valid_item(world, tmp_path, mode):
+    rewards = ["ndcg_rank", "rule"] if mode == "beam" else ["rule", "partial_match", "candidate_choice"]
+    trainer = make_trainer(world, tmp_path, rollout_mode=mode, rewards=rewards)
+    idx = [0, 1, 2, 4]  # rows 1 and 4 are candidate-ranking rows
+    batch = group_batch(trainer, idx)
+    assert any(r["extra_info"]["candidates"] for r in batch)
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(batch)
+    texts = decoded(trainer, out)
+    assert len(texts) == len(batch)
+    for row, text in zip(batch, texts):
+        assert text in valid_answers(world, row), text
+        item = (int(re.findall(r"\d+", text)[0]) if text.startswith("[ITEM_")
+                else next(i for i, s in world.id2sid.items() if prompts.sid_string(s) == text))
+        assert item in world.id2sid
+    # every completion is answer + EOS
+    eos = trainer.processing_class.eos_token_id
+    lengths = out["completion_mask"].sum(1)
+    assert all(out["completion_ids"][i, n - 1] == eos for i, n in enumerate(lengths.tolist()))
+    if mode == "beam":
+        for g in range(0, len(texts), G):
+            assert len(set(texts[g:g + G])) == G  # one group = G distinct beams
+        # beam ranks reached the reward: ndcg_rank = 1 on a hit, else -1/log2(rank + 2)
+        want = [1.0 if t == r["reward_model"]["ground_truth"] else -1 / math.log2(k % G + 2)
+                for k, (r, t) in enumerate(zip(batch, texts))]
+        got = trainer._metrics["train"]["rewards/ndcg_rank/mean"][-1]
+        assert got == pytest.approx(sum(want) / len(want), abs=1e-6)
+
+
+def test_beam_groups_are_the_constrained_beam_search_ranking(world, tmp_path):
+    from mimigenrec.beam_search import constrained_beam_search
+
+    trainer = make_trainer(world, tmp_path, rollout_mode="beam", rewards=["rule"])
+    batch = group_batch(trainer, [0, 2])
+    trainer.model.train()
+    texts = decoded(trainer, trainer._generate_and_score_completions(batch))
+    tok = trainer.processing_class
+    enc = tok([tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in batch[::G]],
+              return_tensors="pt", padding=True, add_special_tokens=False)
+    space = trainer.answer_space
+    trainer.model.eval()
+    res = constrained_beam_search(trainer.model, enc.input_ids, enc.attention_mask, space.trie, G,
+                                  allowed_items=space.allowed(batch[::G]), renormalize=True)
+    assert texts == [space.texts[c] for c in res.items.flatten().tolist()]
+
+
+def brute_force_logps(world, trainer, row, comp: list[int], logits: torch.Tensor) -> list[float]:
+    """Log-softmax over the tokens some allowed answer continues with, by enumerating the answers."""
+    tok = trainer.processing_class
+    eos = tok.eos_token_id
+    answers = [tok(a, add_special_tokens=False).input_ids + [eos] for a in valid_answers(world, row)]
+    out = []
+    for t, token in enumerate(comp):
+        allowed = {a[t] for a in answers if a[:t] == comp[:t] and len(a) > t}
+        if not allowed:  # complete answer: only EOS
+            allowed = {eos}
+        assert token in allowed
+        sel = logits[t, sorted(allowed)]
+        out.append(float(logits[t, token] - torch.logsumexp(sel, 0)))
+        if token == eos:
+            break
+    return out
+
+
+@pytest.mark.parametrize("mode", ["sample", "beam"])
+def test_constrained_logps_equal_brute_force(world, tmp_path, mode):
+    trainer = make_trainer(world, tmp_path, rollout_mode=mode, temperature=0.7, rewards=["rule"])
+    batch = group_batch(trainer, [0, 1])
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(batch)
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    T = out["completion_ids"].shape[1]
+    trainer._logp_allowed = out.get("allowed_items")
+    with torch.no_grad():
+        logps, ent = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, T, compute_entropy=True)
+        logits = trainer.model(input_ids=ids, attention_mask=attn).logits[:, -T - 1:-1] / 0.7
+    trainer._logp_allowed = None
+    assert torch.isfinite(logps).all() and torch.isfinite(ent).all()
+    unconstrained = torch.log_softmax(logits, -1).gather(-1, out["completion_ids"][..., None])[..., 0]
+    for r, row in enumerate(batch):
+        n = int(out["completion_mask"][r].sum())
+        comp = out["completion_ids"][r, :n].tolist()
+        want = brute_force_logps(world, trainer, row, comp, logits[r])
+        assert logps[r, :n].tolist() == pytest.approx(want, abs=1e-5)
+        assert logps[r, n - 1] == pytest.approx(0.0, abs=1e-6)  # EOS after a complete answer is certain
+        assert (logps[r, :n] >= unconstrained[r, :n] - 1e-6).all()  # renormalising never lowers a log-prob
+
+
+def test_unconstrained_mode_is_stock_trl(world, tmp_path):
+    trainer = make_trainer(world, tmp_path, constrained=False, rewards=["format", "rule"], max_completion_length=6)
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(group_batch(trainer, [0, 1]))
+    assert "allowed_items" not in out and out["completion_ids"].shape[1] <= 6
+    # free-form completions are scored but not forced onto the trie
+    trainer._logp_allowed = None
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    with torch.no_grad():
+        logps, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, ids.shape[1] - out[
+            "prompt_ids"].shape[1])
+    assert torch.isfinite(logps).all()
+
+
+def test_answer_space_regex_and_vllm_guards(world, tmp_path):
+    from mimigenrec.grpo import ConstrainedGRPOTrainer
+
+    trainer = make_trainer(world, tmp_path, rewards=["rule"])
+    space = trainer.answer_space
+    rx = re.compile(space.regex())
+    assert all(rx.fullmatch(t) for t in space.texts)
+    assert not rx.fullmatch("<a_0><b_0>") and not rx.fullmatch("[ITEM_999]") and not rx.fullmatch("x")
+    args = SimpleNamespace(use_liger_loss=False, use_transformers_paged=False, use_vllm=True,
+                           vllm_guided_decoding_regex=None, vllm_importance_sampling_correction=False,
+                           per_device_train_batch_size=G, steps_per_generation=1, num_generations=G)
+    with pytest.raises(ValueError, match="beam cannot run on vLLM"):
+        ConstrainedGRPOTrainer._check_args(args, space, "beam")
+    ConstrainedGRPOTrainer._check_args(args, space, "sample")
+    assert args.vllm_guided_decoding_regex == space.regex()
+    args.use_vllm, args.per_device_train_batch_size = False, 3
+    with pytest.raises(ValueError, match="whole prompt groups"):
+        ConstrainedGRPOTrainer._check_args(args, space, "beam")
+
+
+def test_config_overrides_and_errors(tmp_path):
+    from mimigenrec.rl_config import load_config
+
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("rewards: [rule]\nnum_generations: 4\nper_device_train_batch_size: 4\nrollout_mode: sample\n")
+    cfg = load_config(cfg_path, ["rewards=[rule,format]", "reward_weights=[1.0,0.5]", "rollout_mode=beam",
+                                 "learning_rate=2e-5", f"output_dir={tmp_path}/o"])
+    assert cfg.rewards == ["rule", "format"] and cfg.reward_weights == [1.0, 0.5]
+    assert cfg.rollout_mode == "beam" and cfg.learning_rate == 2e-5 and cfg.report_to == []
+    if not torch.cuda.is_available():
+        assert cfg.bf16 is False
+    with pytest.raises(ValueError, match="did you mean rewards"):
+        load_config(cfg_path, ["rewardz=[rule]"])
+    with pytest.raises(ValueError, match="rollout_mode"):
+        load_config(cfg_path, ["rollout_mode=greedy", f"output_dir={tmp_path}/o"])
+
+
+def _run_config(world, out: Path) -> Path:
+    cfg = world.root / "run.yaml"
+    cfg.write_text(json.dumps(dict(
+        model_name_or_path=str(world.model), data_dir=str(world.data.root), output_dir=str(out),
+        rewards=["partial_match", "rule", "candidate_choice"], reward_weights=[1.0, 1.0, 0.5],
+        num_generations=G, per_device_train_batch_size=2 * G, learning_rate=1e-3, logging_steps=1,
+        save_steps=3, eval_every_steps=2, eval_rows=6, seed=0)))  # JSON is valid YAML
+    return cfg
+
+
+def _launch(cfg: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """./trl_trainer.sh CONFIG overrides..., i.e. accelerate launch with examples/accelerate/cpu.yaml."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHON": sys.executable, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([str(ROOT / "trl_trainer.sh"), str(cfg), *overrides], cwd=cfg.parent, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_three_step_run_changes_weights_and_resumes(world):
+    from mimigenrec.rl_config import load_config
+    from mimigenrec.train_grpo import run
+
+    out = world.root / "run"
+    cfg = _run_config(world, out)
+    proc = _launch(cfg, "max_steps=3")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["global_step"] == 3
+    ckpt = out / "checkpoint-3"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    before, after = _weights(world.model), _weights(ckpt)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "3 GRPO steps left every weight unchanged"
+    watch = [json.loads(x) for x in (out / "reward_watch.jsonl").read_text().splitlines()]
+    assert [p["step"] for p in watch] == [2, 3] and all(0 <= p["ndcg@10"] <= 1 for p in watch)
+    assert (out / "reward_watch.png").stat().st_size > 1000
+
+    # resume in this process (the launcher path is covered above; this saves a second interpreter start)
+    trainer = run(load_config(cfg, ["max_steps=5", f"resume_from_checkpoint={ckpt}", "use_cpu=true"]))
+    assert trainer.state.global_step == 5
+    assert [s for s, _ in trainer.reward_history] == [3, 4]  # only steps 4 and 5 were generated again
+    state = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())
+    assert state["global_step"] == 5
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5]
+    assert not torch.equal(_weights(out / "checkpoint-5")[changed[0]], after[changed[0]])

@@ -1,0 +1,144 @@
+"""Every built-in reward against hand-computed values, malformed completions included."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mimigenrec.io import DataDir, write_jsonl
+from rewards import completion_text, get_reward, list_rewards
+
+SID = "<a_1><b_2><c_3>"
+
+
+def rm(*truths):
+    return [{"style": "rule", "ground_truth": t} for t in truths]
+
+
+def call(name, completions, truths, **kw):
+    fn = get_reward(name, **{k: kw.pop(k) for k in ("data_dir", "top_k") if k in kw})
+    return fn(prompts=[None] * len(completions), completions=completions, completion_ids=None,
+              reward_model=rm(*truths), **kw)
+
+
+MALFORMED = ["", "   ", "<think>unclosed " + SID, "garbage text", SID + " extra", "<a_1><b_2>",
+             "<think>a</think><think>b</think>" + SID, "<think><think>x</think></think>" + SID]
+
+
+def test_registry_lists_all_builtins():
+    assert list_rewards() == sorted(["rule", "partial_match", "ndcg_rank", "format", "think",
+                                     "candidate_choice", "retrieval_ndcg"])
+    for name in list_rewards():
+        fn = get_reward(name, data_dir="unused")
+        assert fn.__name__ == name and fn.__doc__ and "r =" in fn.__doc__
+    with pytest.raises(KeyError, match="unknown reward"):
+        get_reward("nope")
+
+
+def test_user_reward_from_file(tmp_path):
+    f = tmp_path / "my_reward.py"
+    f.write_text("def length_bonus(prompts=None, completions=None, completion_ids=None, *, scale=1.0, **kw):\n"
+                 "    return [scale * len(c) for c in completions]\n")
+    fn = get_reward(f"{f}:length_bonus", scale=2.0, data_dir="ignored")
+    assert fn.__name__ == "length_bonus"
+    assert fn(completions=["ab", "abc"]) == [4.0, 6.0]
+    with pytest.raises(AttributeError, match="no attribute"):
+        get_reward(f"{f}:missing")
+    with pytest.raises(FileNotFoundError):
+        get_reward(f"{tmp_path}/absent.py:f")
+
+
+def test_completion_text_handles_chat_messages():
+    assert completion_text([{"role": "assistant", "content": SID}]) == SID
+    assert completion_text(SID) == SID and completion_text(None) == ""
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_rule(conversational):
+    comps = [SID, "<think>because</think>" + SID, "<a_1><b_2><c_4>", SID + " extra", *MALFORMED[:4]]
+    if conversational:
+        comps = [[{"role": "assistant", "content": c}] for c in comps]
+    assert call("rule", comps, *[[SID] * len(comps)]) == [1, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_rule_without_ground_truth_is_none():
+    fn = get_reward("rule")
+    assert fn(completions=[SID], reward_model=[{"style": "rule"}]) == [None]
+
+
+def test_partial_match():
+    comps = [SID, "<a_1><b_2><c_9>", "<a_1><b_7><c_3>", "<a_5><b_2><c_3>", "<a_1>", "<a_1><b_2><c_3> junk", "",
+             "<think>x</think><a_1><b_2><c_0>", "[ITEM_3]"]
+    want = [1, 2 / 3, 1 / 3, 0, 1 / 3, 0, 0, 2 / 3, 0]
+    assert call("partial_match", comps, *[[SID] * len(comps)]) == pytest.approx(want)
+    # item-reference truths: all or nothing
+    assert call("partial_match", ["[ITEM_3]", "[ITEM_4]"], ["[ITEM_3]", "[ITEM_3]"]) == [1, 0]
+
+
+def test_ndcg_rank():
+    comps = ["<a_0><b_0><c_0>", SID, "<a_2><b_2><c_2>", "junk"]
+    got = call("ndcg_rank", comps, [SID] * 4, beam_rank=[0, 1, 2, 3])
+    assert got == pytest.approx([-1.0, 1.0, -1 / math.log2(4), -1 / math.log2(5)])
+    with pytest.raises(ValueError, match="beam"):
+        call("ndcg_rank", comps, [SID] * 4)
+
+
+def test_format():
+    comps = [SID, "  " + SID + "\n", "<think>r</think>" + SID, "<think></think>" + SID, "[ITEM_3]", *MALFORMED]
+    want = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]  # [ITEM_3] is the wrong kind for a SID truth; <a_1><b_2> too short
+    assert call("format", comps, [SID] * len(comps)) == want
+    assert call("format", ["[ITEM_3]", "<think>x</think>[ITEM_12]", "[ITEM_3][ITEM_4]", "[ITEM_x]", SID],
+                ["[ITEM_1]"] * 5) == [1, 1, 0, 0, 0]
+
+
+def test_think():
+    comps = ["<think>because</think>" + SID, "<think> \n </think>" + SID, SID, "<think>why</think>",
+             "<think>why</think>" + SID + " tail", *MALFORMED]
+    assert call("think", comps, [SID] * len(comps)) == [1, 0, 0, 0, 0] + [0] * len(MALFORMED)
+
+
+def test_candidate_choice():
+    infos = {"target": 5, "candidates": [2, 5, 9]}
+    comps = ["[ITEM_5]", "<think>[ITEM_2] or [ITEM_5]?</think>[ITEM_5]", "[ITEM_2]", "[ITEM_7]", "[ITEM_2][ITEM_5]",
+             "[ITEM_5] [ITEM_5]", "", "pick five", "<think>unclosed [ITEM_5]", "I choose [ITEM_9].",
+             "<think>a</think>[ITEM_5]</think>"]
+    got = get_reward("candidate_choice")(completions=comps, reward_model=rm(*["[ITEM_5]"] * len(comps)),
+                                         extra_info=[infos] * len(comps))
+    assert got == [1, 1, 0, -1, -1, 1, -1, -1, -1, 0, -1]
+    # the target also comes from extra_info when the truth is not an item reference
+    assert get_reward("candidate_choice")(completions=["[ITEM_5]"], reward_model=rm(SID),
+                                          extra_info=[infos]) == [1]
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    d = DataDir(tmp_path / "ds")
+    docs = ["red digital multimeter", "blue safety goggles", "soldering iron station",
+            "digital caliper stainless steel", "stainless steel ruler", "brass valve", "brass valve"]
+    write_jsonl(d.items, [{"item_id": i, "title": t, "description": "lab tool" if i == 4 else ""}
+                          for i, t in enumerate(docs)])
+    return d
+
+
+def test_retrieval_ndcg(catalog):
+    comps = ["digital caliper stainless steel", "steel ruler", "goggles", "", "<think>q</think>caliper",
+             [{"role": "assistant", "content": "caliper steel"}], "brass valve"]
+    infos = [{"target": 3}] * 6 + [{"target": 6}]
+    got = call("retrieval_ndcg", comps, [SID] * len(comps), data_dir=catalog.root, extra_info=infos)
+    # "steel ruler": item 4 matches both words, item 3 one -> rank 1; "goggles" misses item 3;
+    # "brass valve": items 5 and 6 tie -> pessimistic rank 1
+    assert got == pytest.approx([1.0, 1 / math.log2(3), 0.0, 0.0, 1.0, 1.0, 1 / math.log2(3)])
+    assert call("retrieval_ndcg", ["steel ruler"], [SID], data_dir=catalog.root, top_k=1,
+                extra_info=[{"target": 3}]) == [0.0]
+    # description text is indexed too
+    assert call("retrieval_ndcg", ["lab tool"], [SID], data_dir=catalog.root,
+                extra_info=[{"target": 4}]) == [1.0]
+
+
+def test_retrieval_index_built_once(catalog):
+    from rewards import retrieval
+
+    a = retrieval.catalog_index(catalog.root)
+    assert retrieval.catalog_index(catalog.root) is a
+    with pytest.raises(ValueError, match="data_dir"):
+        get_reward("retrieval_ndcg")(completions=["x"], extra_info=[{"target": 1}])

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# GRPO with trie-constrained rollouts through accelerate. See --help.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: ./trl_trainer.sh CONFIG.yaml [key=value ...]
+
+Runs GRPO (mimigenrec.train_grpo: a TRL GRPOTrainer whose rollouts are trie-constrained valid
+items) under `accelerate launch`, from the repository root (relative paths in CONFIG and in the
+overrides are relative to the repository root; CONFIG itself may also be relative to the
+current directory). Activates .venv if the repository has one.
+
+  CONFIG        YAML config, e.g. examples/rl/tiny_sample.yaml, examples/rl/tiny_beam.yaml,
+                examples/rl/smollm2_sample.yaml. Any trl GRPOConfig field plus mimigenrec's own:
+                model_name_or_path, data_dir, train_split, eval_split, max_train_rows, rewards,
+                reward_weights, retrieval_top_k, rollout_mode (sample|beam), constrained,
+                use_lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
+                lora_modules_to_save, eval_every_steps, eval_rows, eval_num_beams.
+                `python -m mimigenrec.train_grpo --help` describes each.
+  key=value     override a config field; the value is parsed as YAML
+                (max_steps=3, rewards=[rule,format], reward_weights=[1.0,0.2], use_lora=true,
+                resume_from_checkpoint=runs/rl/x/checkpoint-2 or resume_from_checkpoint=true).
+
+Environment:
+  ACCELERATE_CONFIG   accelerate config file (default examples/accelerate/cpu.yaml). Shipped:
+                      cpu.yaml, single_gpu.yaml, multi_gpu.yaml, multi_node.yaml,
+                      ds_z2.yaml (DeepSpeed ZeRO-2), ds_z3.yaml (DeepSpeed ZeRO-3).
+  NUM_PROCESSES       total processes over all machines (accelerate --num_processes)
+  NUM_MACHINES        number of machines (--num_machines)
+  MACHINE_RANK        rank of this machine, 0 = main (--machine_rank)
+  MAIN_PROCESS_IP     address of machine 0 (--main_process_ip)
+  MAIN_PROCESS_PORT   port on machine 0 (--main_process_port)
+  PYTHON              interpreter used when `accelerate` is not on PATH (default python)
+
+Examples:
+  ./trl_trainer.sh examples/rl/tiny_sample.yaml max_steps=3
+  ACCELERATE_CONFIG=examples/accelerate/single_gpu.yaml ./trl_trainer.sh examples/rl/smollm2_sample.yaml
+  ACCELERATE_CONFIG=examples/accelerate/ds_z3.yaml NUM_PROCESSES=8 ./trl_trainer.sh examples/rl/smollm2_sample.yaml
+  # two machines x 8 GPUs, run on each with its MACHINE_RANK:
+  ACCELERATE_CONFIG=examples/accelerate/multi_node.yaml NUM_MACHINES=2 NUM_PROCESSES=16 MACHINE_RANK=0 \
+    MAIN_PROCESS_IP=10.0.0.1 MAIN_PROCESS_PORT=29500 ./trl_trainer.sh examples/rl/smollm2_sample.yaml
+USAGE
+}
+
+if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+  usage
+  [[ $# -ge 1 ]] && exit 0 || exit 2
+fi
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CONFIG="$1"
+shift
+if [[ -f "$CONFIG" ]]; then
+  CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
+fi
+cd "$ROOT"
+if [[ ! -f "$CONFIG" ]]; then
+  echo "trl_trainer.sh: config not found: $1" >&2
+  exit 2
+fi
+if [[ -f .venv/bin/activate ]]; then
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+
+ACCEL_CFG="${ACCELERATE_CONFIG:-examples/accelerate/cpu.yaml}"
+if [[ ! -f "$ACCEL_CFG" ]]; then
+  echo "trl_trainer.sh: accelerate config not found: $ACCEL_CFG" >&2
+  exit 2
+fi
+launch=(--config_file "$ACCEL_CFG")
+[[ -n "${NUM_PROCESSES:-}" ]] && launch+=(--num_processes "$NUM_PROCESSES")
+[[ -n "${NUM_MACHINES:-}" ]] && launch+=(--num_machines "$NUM_MACHINES")
+[[ -n "${MACHINE_RANK:-}" ]] && launch+=(--machine_rank "$MACHINE_RANK")
+[[ -n "${MAIN_PROCESS_IP:-}" ]] && launch+=(--main_process_ip "$MAIN_PROCESS_IP")
+[[ -n "${MAIN_PROCESS_PORT:-}" ]] && launch+=(--main_process_port "$MAIN_PROCESS_PORT")
+
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+if command -v accelerate >/dev/null 2>&1; then
+  exec accelerate launch "${launch[@]}" -m mimigenrec.train_grpo "$CONFIG" "$@"
+else
+  exec "${PYTHON:-python}" -m accelerate.commands.launch "${launch[@]}" -m mimigenrec.train_grpo "$CONFIG" "$@"
+fi
