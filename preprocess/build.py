@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cot_mode", choices=["think", "reference"], default="think",
                    help="think: CoT becomes the <think> part of the target; reference: CoT is shown in the prompt")
     p.add_argument("--cot_tasks", default="sid_seq,title_seq2sid,cand_rank", help="tasks whose rows may carry CoT")
+    p.add_argument("--hindsight_cot", action="store_true",
+                   help="also use CoT written in hindsight mode (it saw the target); training rows only")
     p.add_argument("--seed", type=int, default=42, help="seed of the CoT draw and candidate sampling")
     p.add_argument("--max_train_rows", type=int, default=0, help="cap per training task (0 = no cap; seeded subsample)")
     p.add_argument("--sft_model", default="runs/models/tiny", help="model_name_or_path written into the SFT yamls")
@@ -81,11 +83,9 @@ class _Builder:
     def _load_cot(self) -> dict[tuple[int, int], str]:
         if not self.d.cot.exists():
             return {}
-        out = {}
-        for r in read_jsonl(self.d.cot):
-            if r.get("kept") and r.get("reasoning"):
-                out[(int(r["user_id"]), int(r["position"]))] = r["reasoning"]
-        return out
+        from preprocess.cot import load_kept_cot
+
+        return load_kept_cot(str(self.d.root), include_hindsight=self.a.hindsight_cot)
 
     def candidates(self, split: str) -> list[list[int]]:
         if split not in self._cands:
