@@ -1,0 +1,7 @@
+"""Classic baselines scored on the same rows and metrics as the LLM: popularity and SASRec."""
+from mimigenrec.baselines.popularity import Popularity
+from mimigenrec.baselines.sasrec import SASRec, SASRecConfig, SASRecScorer
+
+BASELINES = ("popularity", "sasrec")
+
+__all__ = ["BASELINES", "Popularity", "SASRec", "SASRecConfig", "SASRecScorer"]

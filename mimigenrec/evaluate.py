@@ -1,0 +1,583 @@
+"""Evaluate models and baselines: full ranking (constrained beam search) or candidate ranking, HR@K / NDCG@K.
+
+Protocol: each row of ``inter/<split>.jsonl`` is one prediction. Full ranking ranks every
+item that appears in the interactions (items of the item table never interacted with are not
+ranked); candidate ranking ranks the row's target plus ``--num_negatives`` sampled negatives
+(seeded per row, never an earlier item of the user, cached under ``O/candidates/``).
+History items are NOT excluded from the ranking. A ranked list is deduplicated (first
+occurrence counts); ``rank`` = 0-based position of the target; ``HR@K = 1[rank < K]``,
+``NDCG@K = 1/log2(rank + 2)`` if ``rank < K`` else 0; a missing target or an empty /
+unparsable answer is a miss.
+
+Models: prompts come from :mod:`mimigenrec.prompts` (the SFT template); full ranking runs
+trie-constrained beam search over the items' semantic IDs (``--num_beams`` >= the largest K,
+length penalty 0, sampling off whatever the model's generation_config says); candidate
+ranking constrains the answer ``[ITEM_<id>]`` to the row's candidates, or, with ``--think``,
+lets the model reason greedily and parses the answer after ``</think>`` strictly (only
+candidate references may appear; duplicates removed; anything else makes the row a miss).
+
+Baselines on the same rows: ``popularity`` (interaction counts of the splits before the
+evaluated one: train, + valid for test; ties -> smaller item id) and ``sasrec``
+(``sasrec_bce``): SASRec trained on the train split, early-stopped on valid NDCG@10, fed the
+whole earlier sequence (so for test the valid item is history, never a training target).
+
+Sharding: under ``torchrun`` / ``accelerate launch`` each rank takes rows ``i % WORLD_SIZE
+== RANK``, appends to ``OUTPUT_DIR/shards/``; rank 0 merges after a barrier and scores.
+Re-running with the same settings skips rows already predicted (resume).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mimigenrec import prompts
+from mimigenrec.io import BadInputError, DataDir, iter_records, read_json, write_json, write_jsonl
+from mimigenrec.metrics import DEFAULT_KS, aggregate, dedupe, markdown_table, rank_by_score
+from mimigenrec.sequences import UserSequences, load_sequences, splits_before
+
+TASKS = ("sid_seq", "title_seq2sid", "cand_rank")
+BASELINE_NAMES = ("popularity", "sasrec", "sasrec_bce")
+_SEP_RE = re.compile(r"[\s,;]+")
+
+
+# ----------------------------------------------------------------------------- processes
+@dataclass
+class Dist:
+    """This process's place among the evaluation processes (from RANK / WORLD_SIZE / LOCAL_RANK)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        d = cls(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
+        if world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                if "MASTER_ADDR" not in os.environ:
+                    raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is not set: launch with torchrun or accelerate")
+                # gloo is only used for barriers, so it works on every device
+                dist.init_process_group("gloo", rank=rank, world_size=world, timeout=_dt.timedelta(hours=12))
+                d.initialized_here = True
+        return d
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass
+class EvalData:
+    """Everything the methods need, loaded once."""
+
+    data_dir: Path
+    split: str
+    rows: list[dict]                      # rows to evaluate, in file order
+    seqs: UserSequences
+    all_rows: dict[str, list[dict]]
+    items: dict[int, dict]
+    universe: list[int]                   # ranked items: those that appear in interactions
+    num_item_ids: int
+    candidates: list[list[int]] | None = None
+    captions: dict[int, str] | None = None
+    id2sid: dict[int, list[str]] | None = None
+
+
+def row_key(r: Mapping) -> str:
+    return f"{int(r['user_id'])}:{int(r['position'])}"
+
+
+def load_eval_data(args: argparse.Namespace) -> EvalData:
+    dd = DataDir(args.data_dir)
+    if not dd.items.is_file():
+        raise BadInputError(f"{dd.items}: missing (is --data_dir a preprocessed dataset dir?)")
+    items = dd.load_items()
+    all_rows, seqs = load_sequences(dd.root)
+    if args.split not in all_rows:
+        raise BadInputError(f"{dd.inter(args.split)}: missing")
+    universe = seqs.all_items()
+    unknown = [i for i in universe if i not in items]
+    if unknown:
+        raise BadInputError(f"{dd.items}: items {unknown[:5]} appear in interactions but not in the item table")
+    rows = all_rows[args.split]
+    if args.max_rows and args.max_rows < len(rows):
+        keep = sorted(random.Random(args.seed).sample(range(len(rows)), args.max_rows))
+        rows = [rows[i] for i in keep]
+    data = EvalData(dd.root, args.split, rows, seqs, all_rows, items, universe, max(items) + 1)
+    if args.task == "cand_rank":
+        from mimigenrec.candidates import cached_candidates
+
+        every = cached_candidates(dd.root, args.split, all_rows[args.split], universe, args.num_negatives, args.seed,
+                                  exclude=seqs.seqs, fallback_dir=args.output_dir)
+        by_key = {row_key(r): c for r, c in zip(all_rows[args.split], every)}
+        data.candidates = [by_key[row_key(r)] for r in rows]
+    use_caps = args.captions == "on" or (args.captions == "auto" and dd.captions.is_file())
+    if use_caps:
+        data.captions = {int(o["item_id"]): o["caption"] for _, o in iter_records(dd.captions, strict=True)}
+    if args.task != "cand_rank" and any(not m.startswith("baseline:") for m in args.methods):
+        if not dd.id2sid.is_file():
+            raise BadInputError(f"{dd.id2sid}: missing; full ranking with a model needs the semantic IDs")
+        data.id2sid = dd.load_id2sid()
+    return data
+
+
+# ----------------------------------------------------------------------------- methods
+def parse_items(completion: str, unit_re: re.Pattern, answer_of: Mapping[str, int], allowed: set[int]) -> list[int]:
+    """Strict parse of a free-form completion (optional ``<think>...</think>`` first) into ranked items.
+
+    The answer may hold only answer units (``unit_re``: item references or SIDs) and
+    separators (whitespace, ``,``, ``;``); every unit must name an item in ``allowed``.
+    Anything else makes the whole answer a miss (``[]``); repeated items count once.
+    """
+    _, answer = prompts.parse_answer(completion)
+    units = [m.group(0) for m in unit_re.finditer(answer)]
+    if not units or _SEP_RE.sub("", unit_re.sub("", answer)):
+        return []
+    items = [answer_of.get(u) for u in units]
+    if any(i is None or i not in allowed for i in items):
+        return []
+    return dedupe(items)
+
+
+class Ranker:
+    """A method: turns a batch of rows (+ their candidates) into ranked item lists."""
+
+    name: str
+
+    def predict(self, rows: Sequence[dict], cands: Sequence[list[int]] | None) -> list[dict]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {}
+
+    def sort_key(self, row: dict) -> int:
+        return 0
+
+
+class ScoreRanker(Ranker):
+    """Ranks by a baseline's per-item scores (ties -> smaller item id)."""
+
+    def __init__(self, name: str, scorer: Any, data: EvalData, num_ranked: int) -> None:
+        self.name, self.scorer, self.data, self.num_ranked = name, scorer, data, num_ranked
+        self.universe = torch.tensor(data.universe, dtype=torch.long)
+
+    def predict(self, rows, cands):
+        scores = self.scorer.score_rows(rows)
+        if cands is None:
+            ranked = rank_by_score(scores[:, self.universe], self.universe, self.num_ranked)
+        else:
+            ranked = [rank_by_score(scores[r:r + 1, c], c, len(c))[0] for r, c in enumerate(cands)]
+        return [{"ranked": rk} for rk in ranked]
+
+    def describe(self):
+        return self.scorer.describe()
+
+
+class ModelRanker(Ranker):
+    """An LLM checkpoint: constrained beam search, or greedy reasoning + strict parsing (``--think``)."""
+
+    def __init__(self, name: str, path: str, data: EvalData, args: argparse.Namespace, device: str) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mimigenrec.trie import ItemTrie
+
+        self.name, self.path, self.data, self.args, self.device = name, path, data, args, device
+        tok = AutoTokenizer.from_pretrained(path)
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        self.tok = tok
+        dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.task = args.task
+        if self.task == "cand_rank":
+            texts = {i: prompts.item_ref(i) for i in data.universe}
+            self.trie = ItemTrie.from_texts(texts, tok)
+            self.answer_of = {t: i for i, t in texts.items()}
+            self.unit_re = prompts.ITEM_REF_RE
+        else:
+            missing = [i for i in data.universe if i not in data.id2sid]
+            if missing:
+                raise BadInputError(f"{DataDir(data.data_dir).id2sid}: no SID for items {missing[:5]}")
+            sids = {i: data.id2sid[i] for i in data.universe}
+            self.trie = ItemTrie.from_id2sid(sids, tok)
+            self.answer_of = {prompts.sid_string(s): i for i, s in sids.items()}
+            self.unit_re = re.compile(r"(?:" + prompts.SID_TOKEN_RE.pattern + r")+")
+        self.trie = self.trie.to(device)
+        self._len: dict[str, int] = {}
+
+    def prompt(self, row: dict, cands: list[int] | None) -> str:
+        d = self.data
+        text = prompts.build_input(self.task, history=row["history"], items=d.items, id2sid=d.id2sid,
+                                   captions=d.captions, candidates=cands)
+        return prompts.render_prompt(self.tok, prompts.chat_messages(prompts.sft_row(self.task, text, "")))
+
+    def sort_key(self, row: dict) -> int:
+        return -len(row["history"])  # long prompts first: similar lengths share a batch, OOM shows early
+
+    def parse(self, completion: str, cands: list[int] | None) -> list[int]:
+        allowed = set(cands) if cands is not None else set(self.answer_of.values())
+        return parse_items(completion, self.unit_re, self.answer_of, allowed)
+
+    @torch.no_grad()
+    def predict(self, rows, cands):
+        from mimigenrec.beam_search import constrained_beam_search, stock_generate_kwargs
+
+        texts = [self.prompt(r, None if cands is None else cands[i]) for i, r in enumerate(rows)]
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        if self.args.think:
+            kw = stock_generate_kwargs(1, self.args.max_new_tokens, self.tok.eos_token_id, self.tok.pad_token_id)
+            kw.update(num_return_sequences=1, output_scores=False)
+            for beam_only in ("length_penalty", "early_stopping"):  # meaningless for greedy decoding
+                kw.pop(beam_only)
+            out = self.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+            gen = out.sequences[:, enc["input_ids"].shape[1]:]
+            comps = self.tok.batch_decode(gen, skip_special_tokens=True)
+            return [{"ranked": self.parse(c, None if cands is None else cands[i]), "completion": c}
+                    for i, c in enumerate(comps)]
+        allowed = None
+        beams = self.args.num_beams
+        if cands is not None:
+            allowed = self.trie.candidates_mask(cands)
+            beams = min(beams, max(len(c) for c in cands))
+        res = constrained_beam_search(self.model, enc["input_ids"], enc["attention_mask"], self.trie, beams,
+                                      allowed_items=allowed)
+        return [{"ranked": [int(i) for i in row if i >= 0]} for row in res.items.tolist()]
+
+    def describe(self):
+        return {"path": self.path, "trie_items": self.trie.num_items, "think": bool(self.args.think)}
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """``name=PATH`` or ``PATH`` (name = the folder's name)."""
+    name, sep, path = spec.partition("=")
+    if sep and name and "/" not in name and not Path(spec).exists():
+        return name, path
+    p = Path(spec.rstrip("/"))
+    return p.name or "model", spec
+
+
+def method_names(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``[(method name, "model:PATH" | "baseline:NAME")]`` in table order."""
+    out: list[tuple[str, str]] = []
+    for spec in args.model or []:
+        name, path = parse_model_spec(spec)
+        out.append((name, f"model:{path}"))
+    baselines = list(args.baseline or [])
+    if not baselines and out and not args.no_baselines:
+        baselines = ["popularity", "sasrec"]
+    out += [(b, f"baseline:{b}") for b in baselines]
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"error: duplicate method names {names}; name models with --model NAME=PATH")
+    if not out:
+        raise SystemExit("error: nothing to evaluate: give --model PATH and/or --baseline NAME")
+    return out
+
+
+def sasrec_config(args: argparse.Namespace, loss: str):
+    from mimigenrec.baselines import SASRecConfig
+
+    patience = args.sasrec_patience if args.sasrec_patience is not None else (40 if loss == "bce" else 10)
+    return SASRecConfig(hidden=args.sasrec_hidden, blocks=args.sasrec_blocks, heads=args.sasrec_heads,
+                        dropout=args.sasrec_dropout, max_len=args.sasrec_max_len, loss=loss, lr=args.sasrec_lr,
+                        batch_size=args.sasrec_batch_size, epochs=args.sasrec_epochs,
+                        patience=patience, seed=args.seed)
+
+
+def build_ranker(name: str, spec: str, data: EvalData, args: argparse.Namespace, dist: Dist, device: str) -> Ranker:
+    kind, _, what = spec.partition(":")
+    if kind == "model":
+        return ModelRanker(name, what, data, args, device)
+    before = splits_before(data.split) or ("train",)
+    if what == "popularity":
+        from mimigenrec.baselines import Popularity
+
+        return ScoreRanker(name, Popularity.fit(data.seqs, before, data.num_item_ids), data, args.num_beams)
+    if what in ("sasrec", "sasrec_bce"):
+        from mimigenrec.baselines import SASRecScorer
+
+        cfg = sasrec_config(args, "bce" if what == "sasrec_bce" else "ce")
+        caches = [data.data_dir / "baselines", Path(args.output_dir) / "baselines"]
+        if not os.access(data.data_dir, os.W_OK):
+            caches = caches[1:]
+
+        def make():
+            return SASRecScorer.load_or_train(data.data_dir, caches, data.seqs, data.num_item_ids, data.universe,
+                                              data.all_rows.get("valid", []), cfg, device=device, name=name,
+                                              progress=dist.rank == 0)
+        if dist.world > 1:  # rank 0 trains and caches; the others load the checkpoint
+            scorer = make() if dist.rank == 0 else None
+            dist.barrier()
+            scorer = scorer or make()
+        else:
+            scorer = make()
+        return ScoreRanker(name, scorer, data, args.num_beams)
+    raise SystemExit(f"error: unknown baseline {what!r}; choose from {BASELINE_NAMES}")
+
+
+# ----------------------------------------------------------------------------- files
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@+-]", "_", name)
+
+
+def pred_path(out: Path, method: str) -> Path:
+    return out / f"predictions_{safe_name(method)}.jsonl"
+
+
+def shard_paths(out: Path, method: str) -> list[Path]:
+    return sorted((out / "shards").glob(f"predictions_{safe_name(method)}.r*.jsonl"))
+
+
+def read_predictions(paths: Sequence[Path]) -> dict[str, dict]:
+    """Predictions by row key from jsonl files (a torn last line from a crash is skipped)."""
+    out: dict[str, dict] = {}
+    for p in paths:
+        if p.is_file():
+            for _, rec in iter_records(p):
+                if {"user_id", "position", "ranked"} <= rec.keys():
+                    out.setdefault(row_key(rec), rec)
+    return out
+
+
+def open_shard(path: Path):
+    """Append handle on this rank's shard, cutting a torn (unterminated) last line first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+RESUME_KEYS = ("data_dir", "split", "task", "num_beams", "num_negatives", "seed", "think", "max_new_tokens", "captions")
+
+
+def check_run_config(args: argparse.Namespace, out: Path, methods: list[tuple[str, str]], dist: Dist) -> None:
+    """Refuse to mix predictions made under other settings into this run's files (resume safety)."""
+    path = out / "run_config.json"
+    now = {k: getattr(args, k) for k in RESUME_KEYS}
+    now["data_dir"] = str(Path(args.data_dir).resolve())
+    sas = {k: v for k, v in sorted(vars(args).items()) if k.startswith("sasrec_")}
+    # a method's record: its source, plus the training settings for SASRec
+    records = {n: f"{s} {json.dumps(sas)}" if s.startswith("baseline:sasrec") else s for n, s in methods}
+    if args.overwrite:
+        if dist.rank == 0:
+            for name, _ in methods:
+                for p in [pred_path(out, name), *shard_paths(out, name)]:
+                    p.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        dist.barrier()
+    old = read_json(path) if path.is_file() else None
+    if old is not None:
+        diff = {k: (old["settings"].get(k), now[k]) for k in RESUME_KEYS if old["settings"].get(k) != now[k]}
+        clash = {n: (old["methods"][n], r) for n, r in records.items() if old["methods"].get(n, r) != r}
+        if diff or clash:
+            raise SystemExit(f"error: {out} holds predictions made with other settings {diff or clash}; "
+                             f"use another --output_dir or --overwrite")
+    merged = {"settings": now, "methods": {**(old or {}).get("methods", {}), **records}}
+    if dist.rank == 0:
+        write_json(path, merged)
+
+
+# ----------------------------------------------------------------------------- running
+def plan_batches(ranker: Ranker, rows: Sequence[dict], batch_size: int) -> list[list[int]]:
+    """Global batches of row indices (similar prompt lengths together), the same for every world size,
+    so a row sees the same batch-mates and padding whether 1 or P processes run."""
+    order = sorted(range(len(rows)), key=lambda i: (ranker.sort_key(rows[i]), i))
+    bs = max(1, batch_size)
+    return [order[s:s + bs] for s in range(0, len(order), bs)]
+
+
+def run_method(ranker: Ranker, data: EvalData, args: argparse.Namespace, out: Path, dist: Dist) -> dict:
+    """Predict this rank's batches (``b % world == rank``) that still miss rows, appending to its shard.
+
+    A batch that is partly done (a crash mid-run) is recomputed whole, so its composition and
+    padding are those of an uninterrupted run; only its missing rows are written.
+    """
+    done = read_predictions([pred_path(out, ranker.name), *shard_paths(out, ranker.name)])
+    batches = [b for k, b in enumerate(plan_batches(ranker, data.rows, args.batch_size))
+               if k % dist.world == dist.rank and any(row_key(data.rows[i]) not in done for i in b)]
+    todo = sum(len(b) for b in batches)
+    written = 0
+    t0 = time.time()
+    shard = out / "shards" / f"predictions_{safe_name(ranker.name)}.r{dist.rank}.jsonl"
+    with open_shard(shard) as f, tqdm(total=todo, desc=f"{ranker.name}[rank {dist.rank}]", unit="row",
+                                      disable=args.quiet or not todo) as bar:
+        for idx in batches:
+            rows = [data.rows[i] for i in idx]
+            cands = None if data.candidates is None else [data.candidates[i] for i in idx]
+            preds = ranker.predict(rows, cands)
+            for j, (r, p) in enumerate(zip(rows, preds)):
+                if row_key(r) in done:
+                    continue
+                rec = {"user_id": int(r["user_id"]), "position": int(r["position"]), "target": int(r["target"]), **p}
+                if cands is not None:
+                    rec["candidates"] = cands[j]
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                written += 1
+            f.flush()
+            bar.update(len(idx))
+    dt = time.time() - t0
+    return {"rows_predicted": written, "seconds": round(dt, 2),
+            "rows_per_s": round(todo / dt, 2) if todo and dt > 0 else None}
+
+
+def merge_and_score(name: str, data: EvalData, out: Path, ks: Sequence[int]) -> dict:
+    """Rank 0: merge every shard into ``predictions_<name>.jsonl`` (row order) and compute metrics."""
+    shards = shard_paths(out, name)
+    have = read_predictions([pred_path(out, name), *shards])
+    missing = [row_key(r) for r in data.rows if row_key(r) not in have]
+    if missing:
+        raise RuntimeError(f"{name}: {len(missing)} rows have no prediction (first {missing[:3]}); a rank failed?")
+    preds = [have[row_key(r)] for r in data.rows]
+    write_jsonl(pred_path(out, name), preds)
+    for p in shards:
+        p.unlink(missing_ok=True)
+    return aggregate(preds, ks)
+
+
+def pick_device(arg: str, dist: Dist) -> str:
+    if arg != "auto":
+        return arg
+    if torch.cuda.is_available():
+        return f"cuda:{dist.local_rank % torch.cuda.device_count()}"
+    return "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mimigenrec.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data_dir", required=True, help="preprocessed dataset dir (items.jsonl, inter/, id2sid.json)")
+    a("--split", default="test", choices=("valid", "test"), help="rows to evaluate (default: test)")
+    a("--model", action="append", metavar="[NAME=]PATH",
+      help="model checkpoint dir (repeatable); NAME labels its table row (default: the folder name)")
+    a("--baseline", action="append", choices=BASELINE_NAMES,
+      help="baseline to evaluate (repeatable); with --model and no --baseline, popularity and sasrec are added")
+    a("--no_baselines", action="store_true", help="with --model, evaluate only the models")
+    a("--task", default="sid_seq", choices=TASKS,
+      help="sid_seq / title_seq2sid: full ranking by the next item's SID; cand_rank: pick among candidates")
+    a("--num_beams", type=int, default=50, help="beams of constrained beam search = length of saved rankings; "
+      "must be >= the largest K (candidate ranking caps it at the candidate count)")
+    a("--ks", default=",".join(map(str, DEFAULT_KS)), help="cut-offs K of HR@K / NDCG@K, comma-separated")
+    a("--num_negatives", type=int, default=99, help="candidate ranking: sampled negatives per row (9 or 99 usual)")
+    a("--batch_size", type=int, default=8, help="prompts per forward batch (rows per scoring batch for baselines)")
+    a("--max_rows", type=int, default=0, help="evaluate a seeded random subset of this many rows (0 = all)")
+    a("--seed", type=int, default=0, help="seed of row subsampling, candidate sampling and SASRec training")
+    a("--output_dir", default="eval_out", help="metrics.json, predictions_<method>.jsonl, shards/, baselines/")
+    a("--device", default="auto", help="auto = cuda:LOCAL_RANK if a GPU is visible, else cpu; or e.g. cpu, cuda:1")
+    a("--think", action="store_true", help="let the model reason (<think>...</think>) greedily, then parse the "
+      "answer strictly instead of constraining it")
+    a("--max_new_tokens", type=int, default=512, help="--think: generation budget per row")
+    a("--captions", default="auto", choices=("auto", "on", "off"),
+      help="put image captions (O/captions.jsonl) into title views of the prompt; auto = if the file exists "
+      "(must match how the SFT data was built)")
+    a("--overwrite", action="store_true", help="discard earlier predictions in --output_dir instead of resuming")
+    a("--quiet", action="store_true", help="no progress bars")
+    s = p.add_argument_group("SASRec baseline")
+    s.add_argument("--sasrec_epochs", type=int, default=200, help="max epochs (exact count with --sasrec_patience 0)")
+    s.add_argument("--sasrec_patience", type=int, default=None,
+                   help="stop after this many epochs without a better valid NDCG@10 (0 = fixed epochs; "
+                        "default 10 for the CE loss, 40 for BCE, which improves slowly)")
+    s.add_argument("--sasrec_hidden", type=int, default=64, help="embedding / hidden size d")
+    s.add_argument("--sasrec_blocks", type=int, default=2, help="self-attention blocks")
+    s.add_argument("--sasrec_heads", type=int, default=1, help="attention heads")
+    s.add_argument("--sasrec_dropout", type=float, default=0.2, help="dropout rate")
+    s.add_argument("--sasrec_max_len", type=int, default=50, help="most recent items fed to the model")
+    s.add_argument("--sasrec_lr", type=float, default=1e-3, help="Adam learning rate")
+    s.add_argument("--sasrec_batch_size", type=int, default=128, help="training sequences per batch")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
+    except ValueError:
+        raise SystemExit(f"error: --ks must be comma-separated integers, got {args.ks!r}") from None
+    if not ks or ks[0] < 1:
+        raise SystemExit("error: --ks needs positive integers")
+    if args.task != "cand_rank" and args.num_beams < ks[-1]:
+        raise SystemExit(f"error: --num_beams {args.num_beams} < largest K {ks[-1]}: "
+                         "ranks beyond the beams are unknown")
+    methods = method_names(args)
+    args.methods = [s for _, s in methods]
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dist = Dist.from_env()
+    try:
+        check_run_config(args, out, methods, dist)
+        data = load_eval_data(args)
+        device = pick_device(args.device, dist)
+        if args.task == "cand_rank":
+            args.num_beams = max(args.num_beams, 1)
+        timing: dict[str, dict] = {}
+        described: dict[str, dict] = {}
+        for name, spec in methods:
+            ranker = build_ranker(name, spec, data, args, dist, device)
+            timing[name] = run_method(ranker, data, args, out, dist)
+            described[name] = ranker.describe()
+            del ranker
+        dist.barrier()
+        if dist.rank == 0:
+            mpath = out / "metrics.json"
+            metrics = read_json(mpath) if mpath.is_file() else {}
+            meta = metrics.get("_meta", {})
+            for name, _ in methods:
+                metrics[name] = merge_and_score(name, data, out, ks)
+            meta.update({
+                "data_dir": str(Path(args.data_dir).resolve()), "split": args.split, "task": args.task,
+                "ks": ks, "num_beams": args.num_beams,
+                "num_negatives": args.num_negatives if args.task == "cand_rank" else None,
+                "seed": args.seed, "max_rows": args.max_rows, "n_rows": len(data.rows),
+                "n_ranked_items": len(data.universe),
+                "world_size": dist.world, "think": args.think,
+                "protocol": "NDCG@K = 1/log2(rank+2) for the 0-based rank of the target if < K; "
+                            "HR@K = target in top K; "
+                            "history items not excluded; full ranking over every item appearing in interactions",
+            })
+            meta.setdefault("methods", {}).update({n: {**described[n], **timing[n]} for n, _ in methods})
+            ordered = {n: metrics[n] for n in metrics if n != "_meta"}
+            write_json(out / "metrics.json", {**ordered, "_meta": meta})
+            print(f"\n{args.split} / {args.task}: {len(data.rows)} rows, "
+                  f"{len(data.universe) if args.task != 'cand_rank' else args.num_negatives + 1} items ranked\n")
+            print(markdown_table(ordered, ks))
+            print(f"\nwrote {out / 'metrics.json'}")
+        dist.barrier()
+    except BadInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
