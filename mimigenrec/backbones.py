@@ -133,13 +133,16 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--hidden_size", type=int, default=64, help="model width")
     t.add_argument("--num_layers", type=int, default=2, help="transformer layers")
     t.add_argument("--seed", type=int, default=0, help="weight-init seed")
+    t.add_argument("--embed_std", type=float, default=0.5,
+                   help="std of the tied embeddings (0.5: peaked random model for tests; 0.02: standard init, better for SFT)")
     a = p.parse_args(argv)
     toks = None
     if a.add_sid_tokens:
         from mimigenrec.io import DataDir, read_json
 
         toks = read_json(DataDir(a.data_dir).new_tokens)
-    out = build_tiny_model(a.out, toks, _titles(a.data_dir), a.vocab_size, a.hidden_size, a.num_layers, a.seed)
+    out = build_tiny_model(a.out, toks, _titles(a.data_dir), a.vocab_size, a.hidden_size, a.num_layers, a.seed,
+                           a.embed_std)
     print(json.dumps({"model": str(out)}))
 
 

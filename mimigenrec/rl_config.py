@@ -11,11 +11,11 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
 from trl import GRPOConfig
+
+from mimigenrec import yaml_config
 
 __all__ = ["RLConfig", "load_config", "our_fields", "parse_overrides"]
 
@@ -77,14 +77,7 @@ def our_fields() -> list[str]:
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """``["a=1", "b=[x,y]"]`` -> ``{"a": 1, "b": ["x", "y"]}`` (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for p in pairs:
-        key, sep, value = p.partition("=")
-        key = key.strip().lstrip("-")
-        if not sep or not key:
-            raise ValueError(f"override {p!r}: expected key=value")
-        out[key] = yaml.safe_load(value) if value.strip() else None
-    return out
+    return yaml_config.parse_overrides(pairs)
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
@@ -126,16 +119,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), *
     """YAML file (optional) + ``key=value`` overrides + keyword values -> :class:`RLConfig`."""
     values: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{p}: expected a mapping of config keys")
-        values.update(loaded)
+        values.update(yaml_config.read_yaml_mapping(path))
     values.update(parse_overrides(overrides))
     values.update(extra)
     known = {f.name for f in fields(RLConfig) if f.init}

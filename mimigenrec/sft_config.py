@@ -17,6 +17,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from mimigenrec import yaml_config
+
 
 class SFTConfigError(ValueError):
     """A dataset registry, token file or config is missing or malformed; the message names it."""
@@ -84,36 +86,14 @@ def sid_tokens_for_dataset(dataset_dir: str, dataset: str) -> list[str]:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"key=value"`` -> ``(key, value)`` with the value parsed as a YAML scalar."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise SFTConfigError(f"override {item!r} is not of the form key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str):  # YAML 1.1 reads "3e-3" as a string; numbers are meant
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
-        except ValueError:
-            pass
-    return key.strip(), value
+    """``"key=value"`` -> ``(key, value)`` with the value parsed as YAML."""
+    return yaml_config.parse_override(item, SFTConfigError)
 
 
 def load_yaml_with_overrides(path: str | Path, overrides: Iterable[str] = ()) -> dict:
     """Load a YAML config (a mapping) and apply ``key=value`` overrides on top."""
-    p = Path(path)
-    if not p.is_file():
-        raise SFTConfigError(f"config not found: {p}")
-    try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise SFTConfigError(f"{p}: not valid YAML ({e})") from None
-    if not isinstance(cfg, dict):
-        raise SFTConfigError(f"{p}: expected a mapping at the top level, got {type(cfg).__name__}")
-    for item in overrides:
-        k, v = parse_override(item)
-        cfg[k] = v
+    cfg = yaml_config.read_yaml_mapping(path, SFTConfigError)
+    cfg.update(yaml_config.parse_overrides(overrides, SFTConfigError))
     return cfg
 
 

@@ -168,12 +168,16 @@ def _register(dataset_dir: Path, name: str, out_dir: Path) -> Path:
 
 
 def sft_yaml(name: str, dataset_dir: str, model: str, tokens: list[str], lora: bool) -> dict[str, Any]:
-    """A complete llamafactory-cli SFT config for this dataset (CPU-safe defaults; override on the CLI)."""
+    """A complete llamafactory-cli SFT config for this dataset (CPU-safe defaults; override on the CLI).
+
+    ``template`` is left unset on purpose: LLaMA-Factory then uses the tokenizer's own chat
+    template, the one RL and evaluation render prompts with (see tests/test_sft.py).
+    """
     cfg: dict[str, Any] = {
         "model_name_or_path": model, "trust_remote_code": True, "stage": "sft", "do_train": True,
         "finetuning_type": "lora" if lora else "full",
         "dataset": f"{name}_sft_train", "eval_dataset": f"{name}_sft_valid", "dataset_dir": dataset_dir,
-        "template": "qwen", "cutoff_len": 1024, "overwrite_cache": True, "preprocessing_num_workers": 1,
+        "cutoff_len": 1024, "overwrite_cache": True, "preprocessing_num_workers": 1,
         "add_tokens": ",".join(tokens),
         "output_dir": f"runs/sft/{name}_{'lora' if lora else 'full'}", "overwrite_output_dir": True,
         "logging_steps": 10, "save_steps": 500, "plot_loss": True, "report_to": "none",

@@ -3,7 +3,7 @@
 # evaluate both beside popularity and SASRec. Every step writes files the next one reads.
 #   MAIN_OUT    dataset dir            (default data/Industrial_and_Scientific)
 #   MAIN_RUNS   runs dir               (default runs/main)
-#   SFT_STEPS   SFT optimizer steps    (default 300)
+#   SFT_STEPS   SFT optimizer steps    (default 600)
 #   GRPO_STEPS  GRPO steps             (default 20)
 #   EVAL_ROWS   test rows evaluated    (default 500; 0 = all)
 set -euo pipefail
@@ -22,11 +22,11 @@ step "1/5 preprocess $RAW -> $O"
   --out_dir "$O" --kcore 0 --split loo --name Industrial_and_Scientific
 
 step "2/5 tiny backbone -> $RUNS/models/tiny"
-"$PY" -m mimigenrec.backbones tiny --out "$RUNS/models/tiny" --data_dir "$O"
+"$PY" -m mimigenrec.backbones tiny --out "$RUNS/models/tiny" --data_dir "$O" --embed_std 0.02
 
 step "3/5 SFT (llamafactory-cli) -> $RUNS/sft"
 bash sft.sh examples/sft/tiny_full.yaml model_name_or_path="$RUNS/models/tiny" \
-  output_dir="$RUNS/sft" max_steps="${SFT_STEPS:-300}"
+  output_dir="$RUNS/sft" max_steps="${SFT_STEPS:-600}"
 
 step "4/5 GRPO (TRL, trie-constrained) -> $RUNS/grpo"
 bash trl_trainer.sh examples/rl/tiny_sample.yaml model_name_or_path="$RUNS/sft" data_dir="$O" \
