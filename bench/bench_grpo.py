@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -111,15 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work_dir", help="where data, models and outputs go (default: a temporary directory)")
     a = p.parse_args(argv)
 
-    from conftest import make_dataset
-    from test_grpo import write_rl_splits
-
     from mimigenrec.io import read_json
+    from mimigenrec.toy_data import make_dataset
+    from preprocess.__main__ import main as preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work_dir or tmp)
         d = make_dataset(work / "ds")
-        write_rl_splits(d, cand_every=3)
+        rc = preprocess(["build", "--out_dir", str(d.root), "--dataset_dir", str(work / "data"),
+                         "--tasks", "sid_seq", "--rl_tasks", "sid_seq,cand_rank", "--num_negatives", "4"])
+        assert rc == 0, "build failed"
         titles = [it["title"] for it in d.load_items().values()]
         models = prepare_models([m for m in a.models.split(",") if m], work, read_json(d.new_tokens), titles)
         for name, path in models.items():

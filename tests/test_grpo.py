@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import make_dataset
+from mimigenrec.toy_data import make_dataset
 from mimigenrec import prompts
 from mimigenrec.io import read_json, read_jsonl, write_json
 
