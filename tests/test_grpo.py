@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mimigenrec.toy_data import make_dataset
 from mimigenrec import prompts
 from mimigenrec.io import read_json, read_jsonl, write_json
+from mimigenrec.toy_data import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 G = 4  # num_generations
