@@ -7,12 +7,17 @@
 (c) mimigenrec.beam_search.constrained_beam_search (prefill once) vs stock constrained generate:
     evaluation rows per second.
 
-Models are random Qwen2s built offline (``mimigenrec.backbones.build_tiny_model``) with 3-level SID
-tokens; the catalogue is ``--n_items`` random unique SIDs (3,541 = Industrial_and_Scientific).
+Models: random Qwen2s built offline (``mimigenrec.backbones.build_tiny_model``: "tiny", "wide") and
+SmolLM2-135M-Instruct imported from its PyPI-shipped GGUF (``mimigenrec.gguf_import``; "smollm2", the
+HF import cached under ``--model_cache``), all with 3-level SID tokens added as normal tokens
+(``add_item_tokens``; the imported model's SID rows are redrawn at its pretrained rows' spread, as
+transformers' resize leaves them near-identical, i.e. every ranking a near-tie). The catalogue is
+``--n_items`` random unique SIDs (3,541 = Industrial_and_Scientific).
 Prompts use the project template (``sid_seq`` task) with random SID histories. Medians of
 ``--repeats`` timed runs after one warm-up; the figures are printed last.
 
     OMP_NUM_THREADS=1 python bench/bench_constrained.py --models tiny wide --beams 20 50
+    OMP_NUM_THREADS=2 python bench/bench_constrained.py --models smollm2 --beams 20 50 --threads 2
 """
 from __future__ import annotations
 
@@ -22,19 +27,33 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 
 from mimigenrec import prompts
-from mimigenrec.backbones import build_tiny_model
+from mimigenrec.backbones import add_item_tokens, build_tiny_model
 from mimigenrec.beam_search import constrained_beam_search, stock_generate_kwargs
+from mimigenrec.gguf_import import cache_dir, import_gguf
 from mimigenrec.trie import ItemTrie, TrieLogitsProcessor
 
-MODELS = {  # name -> (hidden_size, num_layers, prompt tokens)
-    "tiny": (64, 2, 64),
-    "wide": (256, 4, 96),  # issue 7's setup: 4 layers, 256 wide, 96-token prompts
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmarked backbone: a random Qwen2 (``hidden`` x ``layers``) or a named GGUF import."""
+
+    prompt_tokens: int
+    hidden: int | None = None
+    layers: int | None = None
+    gguf: str | None = None
+
+
+MODELS = {
+    "tiny": ModelSpec(64, hidden=64, layers=2),
+    "wide": ModelSpec(96, hidden=256, layers=4),  # issue 7's setup: 4 layers, 256 wide, 96-token prompts
+    "smollm2": ModelSpec(96, gguf="smollm2"),  # SmolLM2-135M-Instruct (30 layers x 576), 96-token prompts
 }
 
 
@@ -114,7 +133,6 @@ class TimedProcessor(LogitsProcessor):
 
 def measure_beams(model, tok, trie: ItemTrie, enc, seqs, name: str, K: int, args) -> dict:
     """All figures for one model at ``K`` beams."""
-    hidden, layers, _ = MODELS[name]
     B, P = enc.input_ids.shape
     kw = stock_generate_kwargs(K, trie.max_len, tok.eos_token_id, tok.pad_token_id)
     ours = TimedProcessor(TrieLogitsProcessor(trie, P, num_beams=K))
@@ -126,6 +144,12 @@ def measure_beams(model, tok, trie: ItemTrie, enc, seqs, name: str, K: int, args
             out = model.generate(**enc, logits_processor=[proc] if proc else None, **kw)
         steps[key] = out.sequences.shape[1] - P
 
+    if args.skip_overhead:  # (c) only: stock constrained calls, no unconstrained pairs, no naive baseline
+        gen(ours, "constrained")  # warm-up
+        t_con = timed(lambda: gen(ours, "constrained"), args.repeats, warm=False)
+        return {"model": name, **prefill_once_figures(model, trie, enc, K, t_con, args),
+                "vocab": model.config.vocab_size, "steps": steps, "constrained_s": t_con,
+                **dict.fromkeys(OVERHEAD_FIGURES, float("nan"))}
     # (a) unconstrained / constrained in interleaved pairs (the shared CPU drifts), processor time inside
     gen(None, "unconstrained")  # warm-up
     gen(ours, "constrained")
@@ -152,34 +176,78 @@ def measure_beams(model, tok, trie: ItemTrie, enc, seqs, name: str, K: int, args
                             timed(lambda ids=ids, scores=scores: naive(ids, scores), args.repeats, best=True))
     t_proc = sum(v[0] for v in proc_rows.values())  # one call per depth = one generate call's worth
     t_proc_naive = sum(v[1] for v in proc_rows.values())
-    # (c) prefill-once search vs stock constrained generate (t_con)
-    t_new = timed(lambda: constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, K), args.repeats)
-    new = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, K)
-    ref = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, K, use_generate=True)
-    same = float((new.items == ref.items).float().mean())
     return {
-        "model": name, "hidden": hidden, "layers": layers, "batch": B, "prompt_len": P, "beams": K, "items": trie.num_items,
+        "model": name, **prefill_once_figures(model, trie, enc, K, t_con, args),
         "vocab": model.config.vocab_size, "steps": steps, "unconstrained_s": t_unc, "constrained_s": t_con,
         "ratio_constrained_vs_unconstrained": ratio, "processor_share_of_call": statistics.median(shares),
         "naive_generate_s": t_naive, "speedup_vs_naive_generate": t_naive / t_con,
         "processor_ms_per_call": t_proc * 1e3, "naive_processor_ms_per_call": t_proc_naive * 1e3,
         "speedup_vs_naive_processor": t_proc_naive / t_proc,
-        "prefill_once_s": t_new, "stock_rows_per_s": B / t_con, "prefill_once_rows_per_s": B / t_new,
-        "prefill_once_speedup": t_con / t_new, "same_items_as_stock": same,
     }
 
 
+OVERHEAD_FIGURES = ("unconstrained_s", "ratio_constrained_vs_unconstrained", "processor_share_of_call",
+                    "naive_generate_s", "speedup_vs_naive_generate", "processor_ms_per_call",
+                    "naive_processor_ms_per_call", "speedup_vs_naive_processor")
+
+
+def prefill_once_figures(model, trie: ItemTrie, enc, K: int, t_con: float, args) -> dict:
+    """(c) prefill-once search vs stock constrained generate (median ``t_con`` seconds per call)."""
+    B, P = enc.input_ids.shape
+    t_new = timed(lambda: constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, K), args.repeats)
+    new = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, K)
+    ref = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, K, use_generate=True)
+    same = float((new.items == ref.items).float().mean())
+    return {
+        "hidden": model.config.hidden_size, "layers": model.config.num_hidden_layers, "batch": B, "prompt_len": P,
+        "beams": K, "items": trie.num_items, "prefill_once_s": t_new, "stock_rows_per_s": B / t_con,
+        "prefill_once_rows_per_s": B / t_new, "prefill_once_speedup": t_con / t_new, "same_items_as_stock": same,
+    }
+
+
+def imported_dir(spec: ModelSpec, name: str, args) -> Path:
+    """The HF import of ``spec.gguf`` under ``--model_cache`` (imported once; its gguf_import.json is written last)."""
+    out = Path(args.model_cache or cache_dir() / "models") / name
+    if not (out / "gguf_import.json").exists():
+        print(f"[bench] importing {spec.gguf} GGUF into {out} ...", flush=True)
+        import_gguf(spec.gguf, out)
+    return out
+
+
+def load_model(name: str, sid_tokens: list[str], args, work: Path):
+    """(model, tokenizer) in eval mode with the SID tokens in the vocabulary, on ``--device``."""
+    spec = MODELS[name]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if spec.gguf is None:
+        path = build_tiny_model(work / name, new_tokens=sid_tokens, hidden_size=spec.hidden, num_layers=spec.layers,
+                                seed=args.seed)
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        with torch.no_grad():  # the 0.02 init is near-uniform over the vocab: every ranking would be a tie
+            torch.nn.init.normal_(model.get_input_embeddings().weight, std=args.embed_std)  # tied with lm_head
+    else:
+        path = imported_dir(spec, name, args)
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        n = add_item_tokens(tok, model, sid_tokens)
+        if not n:
+            raise ValueError(f"{path}: the SID tokens are already in its vocabulary")
+        # transformers' resize draws new rows from mean + 1e-9 * covariance: near-identical SID rows whose logits
+        # tie up to fp32 noise. Trained SID rows differ; redraw them at the pretrained rows' spread (seeded).
+        gen = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            for emb in {id(w): w for w in (model.get_input_embeddings().weight,
+                                           model.get_output_embeddings().weight)}.values():
+                old = emb[:-n].float()
+                emb[-n:] = (old.mean(0) + old.std() * torch.randn(n, emb.shape[1], generator=gen)).to(emb.dtype)
+    return model.to(args.device), tok
+
+
 def run_model(name: str, args, work: Path) -> list[dict]:
-    hidden, layers, prompt_tokens = MODELS[name]
     id2sid = random_catalogue(args.n_items, args.codebook, args.seed)
     sid_tokens = [f"<{lvl}_{i}>" for lvl in "abc" for i in range(args.codebook)]
-    path = build_tiny_model(work / name, new_tokens=sid_tokens, hidden_size=hidden, num_layers=layers, seed=args.seed)
-    tok = AutoTokenizer.from_pretrained(path)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    with torch.no_grad():  # the 0.02 init is near-uniform over the vocab: every ranking would be a tie
-        torch.nn.init.normal_(model.get_input_embeddings().weight, std=args.embed_std)  # tied with lm_head
-    model.to(args.device)
+    model, tok = load_model(name, sid_tokens, args, work)
+    prompt_tokens = MODELS[name].prompt_tokens
     trie = ItemTrie.from_id2sid(id2sid, tok).to(args.device)
     enc = make_batch(tok, id2sid, args.batch, prompt_tokens, args.seed).to(args.device)
     seqs = [tok(prompts.sid_string(s), add_special_tokens=False).input_ids + [tok.eos_token_id] for s in id2sid.values()]
@@ -193,7 +261,12 @@ def run_model(name: str, args, work: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tiny", "wide"], choices=sorted(MODELS),
-                   help="tiny: 2 layers x 64 wide, 64-token prompts; wide: 4 layers x 256 wide, 96-token prompts")
+                   help="tiny: random Qwen2, 2 layers x 64 wide, 64-token prompts; wide: random Qwen2, 4 layers x "
+                        "256 wide, 96-token prompts; smollm2: SmolLM2-135M-Instruct (30 x 576) from its GGUF, "
+                        "96-token prompts")
+    p.add_argument("--model_cache", default=None,
+                   help="folder for imported GGUF models (one subfolder per model; imported once, reused "
+                        "after); default: ~/.cache/mimigenrec/models (MIMIGENREC_CACHE overrides the root)")
     p.add_argument("--beams", nargs="+", type=int, default=[20, 50], help="beam counts to measure")
     p.add_argument("--batch", type=int, default=8, help="prompt rows per call")
     p.add_argument("--n_items", type=int, default=3541, help="catalogue size (random unique 3-level SIDs)")
@@ -202,7 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model weights dtype")
     p.add_argument("--embed_std", type=float, default=0.5,
-                   help="std of the re-drawn (tied) embeddings, so that rankings are not near-ties")
+                   help="random models only: std of the re-drawn (tied) embeddings, so that rankings are not near-ties")
+    p.add_argument("--skip_overhead", action="store_true",
+                   help="measure (c) only (stock constrained generate vs prefill-once); the (a)/(b) figures, which "
+                        "cost several more stock calls per beam count, are printed as nan (for large models)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed for catalogue, prompts and weights")
     p.add_argument("--json", help="also write all figures to this JSON file")
@@ -216,12 +292,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     print(f"\n== figures (median of {a.repeats}; device {a.device}, {a.dtype}, {a.threads} thread(s)) ==")
-    hdr = (f"{'model':5} {'B':>2} {'P':>3} {'K':>3} | {'uncons s':>8} {'cons s':>7} {'ratio':>5} {'proc%':>5} | "
+    hdr = (f"{'model':7} {'B':>2} {'P':>3} {'K':>3} | {'uncons s':>8} {'cons s':>7} {'ratio':>5} {'proc%':>5} | "
            f"{'naive s':>7} {'x gen':>5} {'proc ms':>7} {'naive ms':>8} {'x proc':>6} | "
            f"{'stock r/s':>9} {'new r/s':>8} {'x new':>5} {'same':>4}")
     print(hdr)
     for r in rows:
-        print(f"{r['model']:5} {r['batch']:>2} {r['prompt_len']:>3} {r['beams']:>3} | {r['unconstrained_s']:8.3f} "
+        print(f"{r['model']:7} {r['batch']:>2} {r['prompt_len']:>3} {r['beams']:>3} | {r['unconstrained_s']:8.3f} "
               f"{r['constrained_s']:7.3f} {r['ratio_constrained_vs_unconstrained']:5.2f} "
               f"{100 * r['processor_share_of_call']:5.2f} | "
               f"{r['naive_generate_s']:7.3f} {r['speedup_vs_naive_generate']:5.1f} {r['processor_ms_per_call']:7.2f} "
