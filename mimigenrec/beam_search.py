@@ -8,6 +8,14 @@ one token per beam. The beam bookkeeping follows stock beam search with
 ``length_penalty=0, early_stopping=True`` (top ``2K`` continuations, EOS ones among the top
 ``K`` become finished hypotheses, the best ``K`` others keep running), so the ranking equals
 stock constrained ``generate`` (ties aside); ``use_generate=True`` runs that instead.
+
+Two ways to hold the beams' keys and values (``cache_mode``):
+
+- ``"tree"`` (default where the model takes a custom 4D attention mask): one cache row per
+  prompt. Each step appends the K beams' new tokens to it, and a 4D mask lets each beam see
+  the prompt, its own ancestors and itself, so beams never copy the prompt's cache.
+- ``"expand"``: the prompt's cache is copied to K rows after the prefill and reordered to the
+  surviving beams at every step (what stock beam search does after its K prefills).
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ import torch
 
 from mimigenrec.trie import ItemTrie, TrieLogitsProcessor
 
-__all__ = ["BeamResult", "constrained_beam_search", "stock_generate_kwargs"]
+__all__ = ["BeamResult", "constrained_beam_search", "stock_generate_kwargs", "tree_attention_supported"]
 
 NEG_INF = float("-inf")
 
@@ -93,16 +101,48 @@ def _log_probs(trie: ItemTrie, logits: torch.Tensor, state: torch.LongTensor, cu
     return trie.constrain(torch.log_softmax(logits, dim=-1), state, cum, group, depth)
 
 
+def tree_attention_supported(model) -> bool:
+    """Whether ``model`` takes a custom 4D float mask as is: sdpa/eager attention, full attention in every layer."""
+    cfg = model.config
+    if getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    layer_types = getattr(cfg, "layer_types", None) or ()
+    return all(t == "full_attention" for t in layer_types) and not getattr(cfg, "use_sliding_window", False)
+
+
+def _tree_mask(prompt_mask: torch.Tensor, anc: torch.LongTensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive ``[B, 1, K, P + (t+1)K]`` mask: beam k at depth t sees the prompt, its ancestors and itself.
+
+    Cache slot ``P + d*K + j`` holds the depth-``d`` token of the beam that was ``j``-th at step ``d``;
+    ``anc[b, k]`` lists the slots of beam k's tokens at depths ``0..t-1``.
+    """
+    B, K = anc.shape[:2]
+    P = prompt_mask.shape[1]
+    see = torch.zeros(B, K, P + (t + 1) * K, dtype=torch.bool, device=anc.device)
+    see[:, :, :P] = prompt_mask.bool()[:, None, :]
+    if t:
+        see.scatter_(2, anc, True)
+    beams = torch.arange(K, device=anc.device)
+    see[:, beams, P + t * K + beams] = True
+    mask = torch.zeros(see.shape, dtype=dtype, device=anc.device).masked_fill_(~see, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
 @torch.no_grad()
 def constrained_beam_search(model, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
                             trie: ItemTrie, num_beams: int, allowed_items: torch.BoolTensor | None = None,
-                            use_generate: bool = False, renormalize: bool = False) -> BeamResult:
+                            use_generate: bool = False, renormalize: bool = False,
+                            cache_mode: str = "auto") -> BeamResult:
     """Top ``num_beams`` items per (left-padded) prompt row by summed answer log-probability.
 
     ``allowed_items``: optional ``[B, num_items]`` candidate sets (columns in trie order).
     ``renormalize``: score with the constrained policy (log-softmax over allowed tokens only).
     ``use_generate``: run stock ``model.generate`` beam search with :class:`TrieLogitsProcessor`.
+    ``cache_mode``: ``"tree"``, ``"expand"`` (see the module docstring) or ``"auto"`` (tree where
+    :func:`tree_attention_supported`).
     """
+    if cache_mode not in ("auto", "tree", "expand"):
+        raise ValueError(f"cache_mode must be auto, tree or expand, not {cache_mode!r}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
@@ -122,6 +162,7 @@ def constrained_beam_search(model, input_ids: torch.LongTensor, attention_mask: 
         if cum.shape[0] != B:
             raise ValueError(f"allowed_items has {cum.shape[0]} rows for a batch of {B}")
 
+    tree = tree_attention_supported(model) if cache_mode == "auto" else cache_mode == "tree"
     attention_mask = attention_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_(min=0)
     # 1. prefill every prompt once; only the last position's logits are needed
@@ -154,7 +195,8 @@ def constrained_beam_search(model, input_ids: torch.LongTensor, attention_mask: 
     row = torch.arange(B, device=device)[:, None]
     full_mask = torch.cat([attention_mask.repeat_interleave(K, 0),
                            attention_mask.new_ones(B * K, L)], dim=1)
-    next_pos = attention_mask.sum(-1).repeat_interleave(K, 0)               # [B*K]
+    next_pos = attention_mask.sum(-1)                                        # [B]
+    anc = torch.zeros(B, K, 0, dtype=torch.long, device=device)             # tree: ancestors' cache slots
     ranks = torch.arange(2 * K, device=device)
     for t in range(L):
         if t > 0:
@@ -194,17 +236,24 @@ def constrained_beam_search(model, input_ids: torch.LongTensor, attention_mask: 
         prev_seq, prev_lp, prev_state, prev_score = seq[row, sel], lps[row, sel], state.gather(1, sel), r_score
         if trie.min_len <= t + 1 < L and bool(torch.isfinite(fin_score).all()):
             break  # every row holds K finished hypotheses (only possible with unequal answer lengths)
-        # 2. one token per beam through the model; expand / reorder the cache to the chosen beams
-        if t == 0:  # all K beams descend from the one prefilled prompt: copy its cache K times
-            cache.batch_repeat_interleave(K)
-        else:
-            origin = top_from.gather(1, sel)                                 # [B, K] parent beam
-            cache.reorder_cache((row * K + origin).reshape(-1))
-        last = prev_seq[:, :, t].reshape(B * K, 1)
-        out = model(input_ids=last, attention_mask=full_mask[:, :P + t + 1],
-                    position_ids=(next_pos + t)[:, None], past_key_values=cache, use_cache=True)
+        # 2. one token per beam through the model
+        origin = top_from.gather(1, sel)                                     # [B, K] parent beam
+        if tree:  # the K new tokens join the row's cache; the mask keeps each beam on its own path
+            if t:
+                anc = torch.cat([anc[row, origin], (P + (t - 1) * K + origin)[..., None]], dim=2)
+            out = model(input_ids=prev_seq[:, :, t], attention_mask=_tree_mask(attention_mask, anc, t, model.dtype),
+                        position_ids=(next_pos + t)[:, None].expand(B, K), past_key_values=cache, use_cache=True)
+            logits = out.logits.reshape(B * K, V)
+        else:  # copy the prompt's cache to the K beams, then reorder it to the chosen beams
+            if t == 0:
+                cache.batch_repeat_interleave(K)
+            else:
+                cache.reorder_cache((row * K + origin).reshape(-1))
+            out = model(input_ids=prev_seq[:, :, t].reshape(B * K, 1), attention_mask=full_mask[:, :P + t + 1],
+                        position_ids=(next_pos + t).repeat_interleave(K, 0)[:, None], past_key_values=cache,
+                        use_cache=True)
+            logits = out.logits[:, -1, :]
         cache = out.past_key_values
-        logits = out.logits[:, -1, :]
         del out
         tok_lp_prev = _log_probs(trie, logits, prev_state.reshape(-1), cum, K, t + 1, renormalize).view(B, K, V)
     return _finish(trie, fin_seq, fin_lp, fin_score)

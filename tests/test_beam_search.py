@@ -8,7 +8,7 @@ import torch
 from test_trie import sharpen  # tests/ is on sys.path (no package)
 
 from mimigenrec import prompts
-from mimigenrec.beam_search import BeamResult, constrained_beam_search
+from mimigenrec.beam_search import BeamResult, constrained_beam_search, tree_attention_supported
 from mimigenrec.trie import ItemTrie
 
 
@@ -88,12 +88,13 @@ def assert_same(new: BeamResult, ref: BeamResult, trie: ItemTrie):
             assert trie.item_of(new.sequences[b, k].tolist()) == int(new.items[b, k])
 
 
+@pytest.mark.parametrize("cache_mode", ["tree", "expand"])
 @pytest.mark.parametrize("n_rows,beams", [(1, 4), (3, 4), (1, 20), (3, 20)])
-def test_matches_stock_generate_sid_trie(tiny, n_rows, beams):
+def test_matches_stock_generate_sid_trie(tiny, n_rows, beams, cache_mode):
     model, tok, id2sid = tiny
     trie = ItemTrie.from_id2sid(id2sid, tok)
     enc = batch(tok, n_rows, seed=n_rows)
-    new = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, beams)
+    new = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, beams, cache_mode=cache_mode)
     ref = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, beams, use_generate=True)
     assert (new.items >= 0).all()  # 60 items > beams: every beam is a valid item
     assert new.sequences.shape == (n_rows, beams, trie.max_len)
@@ -103,25 +104,28 @@ def test_matches_stock_generate_sid_trie(tiny, n_rows, beams):
 
 @pytest.mark.parametrize("seed,n_rows,beams,n_items", [(0, 1, 4, 12), (1, 3, 4, 30), (2, 3, 20, 12), (3, 1, 20, 40)])
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_matches_stock_generate_random_tries(tiny, seed, n_rows, beams, n_items, renormalize):
+@pytest.mark.parametrize("cache_mode", ["tree", "expand"])
+def test_matches_stock_generate_random_tries(tiny, seed, n_rows, beams, n_items, renormalize, cache_mode):
     model, tok, _ = tiny
     trie = random_token_trie(tok, n_items, seed)
     enc = batch(tok, n_rows, seed=10 + seed)
-    new = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, beams, renormalize=renormalize)
+    new = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, beams, renormalize=renormalize,
+                                  cache_mode=cache_mode)
     ref = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, beams,
                                   renormalize=renormalize, use_generate=True)
     assert_same(new, ref, trie)
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
-def test_candidate_sets(tiny, renormalize):
+@pytest.mark.parametrize("cache_mode", ["tree", "expand"])
+def test_candidate_sets(tiny, renormalize, cache_mode):
     model, tok, id2sid = tiny
     trie = ItemTrie.from_id2sid(id2sid, tok)
     enc = batch(tok, 3, seed=7)
     cands = [[0, 5, 9], list(range(10, 40)), [59]]
     allowed = trie.candidates_mask(cands)
     new = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 5, allowed_items=allowed,
-                                  renormalize=renormalize)
+                                  renormalize=renormalize, cache_mode=cache_mode)
     ref = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 5, allowed_items=allowed,
                                   renormalize=renormalize, use_generate=True)
     assert_same(new, ref, trie)
@@ -184,3 +188,16 @@ def test_generation_config_cannot_leak(tiny):
         model.generation_config = saved
     for r in runs:
         assert torch.equal(r.items, ref.items) and torch.allclose(r.scores, ref.scores, atol=1e-4)
+
+
+def test_tree_mode_is_the_default_for_full_attention_models(tiny):
+    model, _, _ = tiny
+    assert tree_attention_supported(model)
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = "flash_attention_2"  # no custom 4D masks there: expand mode
+    try:
+        assert not tree_attention_supported(model)
+    finally:
+        model.config._attn_implementation = impl
+    with pytest.raises(ValueError, match="cache_mode"):
+        constrained_beam_search(model, torch.ones(1, 3, dtype=torch.long), None, None, 2, cache_mode="shared")
