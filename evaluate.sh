@@ -8,22 +8,17 @@
 #   NPROC        processes to shard rows over (default: visible GPUs, 1 without a GPU);
 #                > 1 launches torchrun --nproc_per_node NPROC
 #   MASTER_PORT  torchrun rendezvous port (default 29511)
-#   PYTHON       interpreter (default: .venv/bin/python next to this script if present, else python3)
+#   VENV         virtualenv to activate (default: .venv next to this script when it exists; system = none)
+#   PYTHON       interpreter (default: python after activation)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
-if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$ROOT/.venv/bin/python" ]]; then
-    # shellcheck disable=SC1091
-    source "$ROOT/.venv/bin/activate"
-    PYTHON="$ROOT/.venv/bin/python"
-  else
-    PYTHON=python3
-  fi
-fi
+# shellcheck source=scripts/activate.sh
+source "$ROOT/scripts/activate.sh"
+PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 case " $* " in
   *" --help "*|*" -h "*)
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     echo
     exec "$PYTHON" -m mimigenrec.evaluate --help ;;
 esac

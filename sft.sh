@@ -21,7 +21,7 @@ output_dir=runs/sft/x report_to=none bf16=false. Values are read as YAML 1.1 by
 LLaMA-Factory (OmegaConf), so quote words like no/yes/on/off: save_strategy="'no'".
 
 Environment:
-  VENV             virtualenv to activate (default: <repo>/.venv when it exists)
+  VENV             virtualenv to activate (default: <repo>/.venv when it exists; system = none)
   NPROC_PER_NODE   processes (GPUs) per node (default 1); >1 launches torchrun
   NNODES           number of nodes (default 1)
   NODE_RANK        rank of this node (default 0)
@@ -58,11 +58,8 @@ if [[ ! -f "$CONFIG" ]]; then
 fi
 CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
 
-VENV="${VENV:-$ROOT/.venv}"
-if [[ -f "$VENV/bin/activate" ]]; then
-  # shellcheck disable=SC1091
-  source "$VENV/bin/activate"
-fi
+# shellcheck source=scripts/activate.sh
+source "$ROOT/scripts/activate.sh"
 cd "$ROOT"
 
 ARGS=("$@")

@@ -31,6 +31,7 @@ Environment:
   MACHINE_RANK        rank of this machine, 0 = main (--machine_rank)
   MAIN_PROCESS_IP     address of machine 0 (--main_process_ip)
   MAIN_PROCESS_PORT   port on machine 0 (--main_process_port)
+  VENV                virtualenv to activate (default <repo>/.venv when it exists; system = none)
   PYTHON              interpreter used when `accelerate` is not on PATH (default python)
 
 Examples:
@@ -59,10 +60,8 @@ if [[ ! -f "$CONFIG" ]]; then
   echo "trl_trainer.sh: config not found: $1" >&2
   exit 2
 fi
-if [[ -f .venv/bin/activate ]]; then
-  # shellcheck disable=SC1091
-  source .venv/bin/activate
-fi
+# shellcheck source=scripts/activate.sh
+source "$ROOT/scripts/activate.sh"
 
 ACCEL_CFG="${ACCELERATE_CONFIG:-examples/accelerate/cpu.yaml}"
 if [[ ! -f "$ACCEL_CFG" ]]; then

@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="which real dataset to run")
     p.add_argument("--sft_steps", type=int, default=600, help="SFT optimizer steps of the tiny model (max_steps)")
     p.add_argument("--grpo_steps", type=int, default=20, help="GRPO steps on top of the tiny SFT model")
+    p.add_argument("--tiny_hidden", type=int, default=64, help="width of the tiny random Qwen2")
+    p.add_argument("--tiny_layers", type=int, default=2, help="layers of the tiny random Qwen2")
     p.add_argument("--eval_rows", type=int, default=0,
                    help="seeded subset of test rows for the main table (0 = the whole test split)")
     p.add_argument("--smollm2", action="store_true",
@@ -175,7 +177,8 @@ def pipeline(a: argparse.Namespace) -> dict:
                          *spec["extra"], "--out_dir", str(data), "--kcore", "0", "--split", "loo",
                          "--name", spec["name"], "--dataset_dir", str(dataset_dir), "--seed", str(a.seed)])
     r.run("backbone", [py, "-m", "mimigenrec.backbones", "tiny", "--out", str(models / "tiny"),
-                       "--data_dir", str(data)])
+                       "--data_dir", str(data), "--hidden_size", str(a.tiny_hidden),
+                       "--num_layers", str(a.tiny_layers), "--embed_std", "0.02"])
 
     sft_common = [f"dataset={spec['name']}_sft_train", f"eval_dataset={spec['name']}_sft_valid",
                   f"dataset_dir={dataset_dir}", "report_to=none"]
@@ -193,7 +196,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         r.run("import_smollm2", [py, "-m", "mimigenrec.gguf_import", "--model", "smollm2", "--out", str(smol)])
         r.run("sft_smollm2", ["bash", "sft.sh", "examples/sft/smollm2_full.yaml", f"model_name_or_path={smol}",
                               f"output_dir={models / 'smollm2_sft'}", f"max_steps={a.smollm2_sft_steps}",
-                              *sft_common, *gpu_train])
+                              "eval_strategy=no", *sft_common, *gpu_train])
     baselines = ["--baseline", "popularity", "--baseline", "sasrec"]
 
     def evaluate(stage: str, names: list[str], rows: int) -> dict:
@@ -216,6 +219,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "device": f"cuda ({torch.cuda.get_device_name(0)}), bf16" if cuda else
         f"cpu (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores visible)",
         "settings": {"sft_steps": a.sft_steps, "grpo_steps": a.grpo_steps, "eval_rows": a.eval_rows,
+                     "tiny_hidden": a.tiny_hidden, "tiny_layers": a.tiny_layers,
                      "smollm2": a.smollm2, "smollm2_sft_steps": a.smollm2_sft_steps if a.smollm2 else None,
                      "smollm2_eval_rows": a.smollm2_eval_rows if a.smollm2 else None, "seed": a.seed},
         "data_stats": {k: stats[k] for k in ("users", "items", "interactions", "rows") if k in stats},
@@ -254,13 +258,19 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def fmt_loss(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else str(x)
+
+
 def render(res: dict) -> str:
     s = res["settings"]
     out = [f"# Quality: {res['label']}", "",
            f"Protocol: {res['protocol']}.", "",
            f"Device: {res['device']}. Data: " + ", ".join(f"{k} {v}" for k, v in res["data_stats"].items()) + ".",
-           f"Tiny model (random Qwen2, 2 layers x 64 wide) SFT {s['sft_steps']} steps "
-           f"(train loss {res['training']['tiny_sft'].get('train_loss')}), then GRPO {s['grpo_steps']} steps.", ""]
+           f"Tiny model (random Qwen2, {s.get('tiny_layers', 2)} layers x {s.get('tiny_hidden', 64)} wide) "
+           f"SFT {s['sft_steps']} steps "
+           f"(final train loss {fmt_loss(res['training']['tiny_sft'].get('train_loss'))}), "
+           f"then GRPO {s['grpo_steps']} steps.", ""]
     for key, t in res["tables"].items():
         meta = t["metrics"].get("_meta", {})
         n = meta.get("n_rows")
@@ -274,9 +284,9 @@ def render(res: dict) -> str:
     out += ["## Wall time per stage", "", "| stage | seconds | note |", "|---|---|---|"]
     notes = res.get("stage_notes", {})
     out += [f"| {k} | {v:.0f} | {notes.get(k, '')} |" for k, v in res["stage_seconds"].items()]
-    out += [f"| total (this run) | {res['wall_seconds']:.0f} | |", "",
+    out += [f"| this invocation (reused stages not re-run) | {res['wall_seconds']:.0f} | |", "",
             "## Reproduce", "", "```bash", res["reproduce"], "```", "", "Stage commands:", "", "```bash"]
-    out += list(res["commands"].values()) + ["```", ""]
+    out += [c.replace(sys.executable, "python") for c in res["commands"].values()] + ["```", ""]
     return "\n".join(out)
 
 
