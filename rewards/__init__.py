@@ -33,6 +33,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from mimigenrec.prompts import ITEM_REF_RE
+
 RewardFunc = Callable[..., list]
 
 _BUILTIN: dict[str, str] = {
@@ -83,6 +85,21 @@ def ground_truths(kwargs: Mapping[str, Any], n: int) -> list[str | None]:
 def extra_infos(kwargs: Mapping[str, Any], n: int) -> list[dict]:
     """``extra_info`` dict of every row (empty where missing)."""
     return [dict(x) if isinstance(x, Mapping) else {} for x in column(kwargs, "extra_info", n)]
+
+
+def item_rows(completions, kwargs: Mapping[str, Any]) -> list[tuple[str, int | None, dict]]:
+    """``(completion text, target item id, extra_info)`` per row, for rewards over ``[ITEM_id]`` items.
+
+    The target is the row's ``[ITEM_id]`` ground truth, else its ``extra_info.target``; None when neither says.
+    """
+    completions = list(completions or [])
+    n = len(completions)
+    rows = []
+    for c, truth, info in zip(completions, ground_truths(kwargs, n), extra_infos(kwargs, n)):
+        ids = ITEM_REF_RE.findall(str(truth or ""))
+        target = int(ids[0]) if len(ids) == 1 else None if info.get("target") is None else int(info["target"])
+        rows.append((completion_text(c), target, info))
+    return rows
 
 
 def _load_object(spec: str) -> Any:

@@ -7,15 +7,7 @@ text may mention any candidate). The target is the row's ground truth (``[ITEM_1
 from __future__ import annotations
 
 from mimigenrec.prompts import ITEM_REF_RE, parse_answer
-from rewards import completion_text, extra_infos, ground_truths
-
-
-def _target(truth: str | None, info: dict) -> int | None:
-    if truth is not None:
-        ids = ITEM_REF_RE.findall(str(truth))
-        if len(ids) == 1:
-            return int(ids[0])
-    return None if info.get("target") is None else int(info["target"])
+from rewards import item_rows
 
 
 def candidate_choice(prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float | None]:
@@ -23,15 +15,12 @@ def candidate_choice(prompts=None, completions=None, completion_ids=None, **kwar
 
     Rows without ``extra_info.candidates`` accept any item id as a valid choice.
     """
-    completions = list(completions or [])
-    n = len(completions)
     out: list[float | None] = []
-    for c, truth, info in zip(completions, ground_truths(kwargs, n), extra_infos(kwargs, n)):
-        target = _target(truth, info)
+    for text, target, info in item_rows(completions, kwargs):
         if target is None:
             out.append(None)
             continue
-        answer = parse_answer(completion_text(c))[1]
+        answer = parse_answer(text)[1]
         chosen = {int(x) for x in ITEM_REF_RE.findall(answer)}
         cands = info.get("candidates")
         if len(chosen) != 1 or "<think>" in answer or "</think>" in answer:  # none, several, or broken tags

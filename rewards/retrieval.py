@@ -1,8 +1,8 @@
 """Retrieval reward: the completion is a search query; BM25 over the item catalog ranks it.
 
 The catalog is ``items.jsonl`` of the dataset directory (title + description of every item);
-its BM25 index (``bm25s``) is built once per file and cached in the process. The target is
-``extra_info.target`` (an item id) or a ``[ITEM_n]`` ground truth. Ties are ranked
+its BM25 index (``bm25s``) is built once per file and cached in the process. The target is the
+``[ITEM_n]`` ground truth, else ``extra_info.target`` (an item id). Ties are ranked
 pessimistically (every item scoring at least the target's score ranks above it), so a query
 that matches nothing gets 0.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from mimigenrec.io import DataDir, read_jsonl
-from mimigenrec.prompts import ITEM_REF_RE, parse_answer
-from rewards import completion_text, extra_infos, ground_truths
+from mimigenrec.prompts import parse_answer
+from rewards import item_rows
 
 _LOCK = threading.Lock()
 _INDEXES: dict[tuple, "CatalogIndex"] = {}
@@ -79,27 +79,17 @@ def catalog_index(data_dir: str | os.PathLike) -> CatalogIndex:
         return _INDEXES[key]
 
 
-def _target(truth, info: dict) -> int | None:
-    if info.get("target") is not None:
-        return int(info["target"])
-    ids = ITEM_REF_RE.findall(str(truth or ""))
-    return int(ids[0]) if len(ids) == 1 else None
-
-
 def retrieval_ndcg(prompts=None, completions=None, completion_ids=None, *, data_dir=None, top_k: int = 100,
                    **kwargs) -> list[float | None]:
     """r = 1/log2(rank + 2) if the target ranks < top_k under BM25(query = answer) else 0."""
     if data_dir is None:
         raise ValueError("retrieval_ndcg needs the dataset directory (data_dir) holding items.jsonl")
-    completions = list(completions or [])
-    n = len(completions)
     index = catalog_index(data_dir)
     out: list[float | None] = []
-    for c, truth, info in zip(completions, ground_truths(kwargs, n), extra_infos(kwargs, n)):
-        target = _target(truth, info)
+    for text, target, _ in item_rows(completions, kwargs):
         if target is None:
             out.append(None)
             continue
-        rank = index.rank(parse_answer(completion_text(c))[1], target)
+        rank = index.rank(parse_answer(text)[1], target)
         out.append(0.0 if rank is None or rank >= top_k else 1.0 / math.log2(rank + 2))
     return out
