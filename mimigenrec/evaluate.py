@@ -265,12 +265,15 @@ class ModelRanker(Ranker):
         if cands is not None:
             allowed = self.trie.candidates_mask(cands)
             beams = min(beams, max(len(c) for c in cands))
+        impl = self.args.beam_search
         res = constrained_beam_search(self.model, enc["input_ids"], enc["attention_mask"], self.trie, beams,
-                                      allowed_items=allowed)
+                                      allowed_items=allowed, use_generate=impl == "generate",
+                                      cache_mode=impl if impl in ("tree", "expand") else "auto")
         return [{"ranked": [int(i) for i in row if i >= 0]} for row in res.items.tolist()]
 
     def describe(self):
-        return {"path": self.path, "trie_items": self.trie.num_items, "think": bool(self.args.think)}
+        return {"path": self.path, "trie_items": self.trie.num_items, "think": bool(self.args.think),
+                "beam_search": self.args.beam_search}
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
@@ -486,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="sid_seq / title_seq2sid: full ranking by the next item's SID; cand_rank: pick among candidates")
     a("--num_beams", type=int, default=50, help="beams of constrained beam search = length of saved rankings; "
       "must be >= the largest K (candidate ranking caps it at the candidate count)")
+    a("--beam_search", default="auto", choices=("auto", "tree", "expand", "generate"),
+      help="constrained beam search: prefill each prompt once with a tree-attention cache (tree; auto picks it "
+      "where the model supports 4D masks) or a copied cache (expand), or stock model.generate with the trie "
+      "logits processor (generate; slow, for comparison). Rankings agree up to ties")
     a("--ks", default=",".join(map(str, DEFAULT_KS)), help="cut-offs K of HR@K / NDCG@K, comma-separated")
     a("--num_negatives", type=int, default=99, help="candidate ranking: sampled negatives per row (9 or 99 usual)")
     a("--batch_size", type=int, default=8, help="prompts per forward batch (rows per scoring batch for baselines)")

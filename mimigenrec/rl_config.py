@@ -32,7 +32,7 @@ class RLConfig(GRPOConfig):
     train_split: str = field(default="train", metadata={"help": "RL split trained on (O/rl/<split>.json)."})
     eval_split: str = field(default="valid", metadata={"help": "RL split of the held-out NDCG@10 watch."})
     max_train_rows: Optional[int] = field(
-        default=None, metadata={"help": "Train on a seeded random subset of this many rows (None = all)."})
+        default=None, metadata={"help": "Train on a seeded random subset of this many rows (None or 0 = all)."})
     rewards: list[str] = field(
         default_factory=lambda: ["rule"],
         metadata={"help": "Reward functions: built-in names (rule, partial_match, ndcg_rank, format, think, "

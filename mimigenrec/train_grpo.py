@@ -48,7 +48,8 @@ def load_rl_rows(path: str | Path) -> list[dict]:
 
 
 def _subset(rows: list[dict], n: int | None, seed: int) -> list[dict]:
-    if n is None or n >= len(rows):
+    """A seeded random subset of ``n`` rows in their original order; ``None`` or ``0`` = all rows."""
+    if not n or n >= len(rows):
         return rows
     idx = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in idx]
@@ -77,6 +78,8 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
         raise ValueError("data_dir is required")
     dd = DataDir(cfg.data_dir)
     train_rows = _subset(load_rl_rows(dd.rl(cfg.train_split)), cfg.max_train_rows, cfg.seed)
+    if not train_rows:
+        raise ValueError(f"{dd.rl(cfg.train_split)} holds no rows to train on")
     eval_rows: list[dict] = []
     if cfg.eval_rows > 0 and dd.rl(cfg.eval_split).is_file():
         eval_rows = _subset(load_rl_rows(dd.rl(cfg.eval_split)), cfg.eval_rows, cfg.seed)

@@ -240,16 +240,19 @@ def test_resume_skips_done_rows_and_refuses_other_settings(data, tmp_path):
     run_eval(*args, "--task", "cand_rank", "--num_negatives", "9", "--overwrite")
 
 
-def test_model_ranking_equals_exhaustive_scoring(data, tiny_model, tmp_path):
+@pytest.mark.parametrize("impl", ["auto", "expand", "generate"])
+def test_model_ranking_equals_exhaustive_scoring(data, tiny_model, tmp_path, impl):
     """With beams = number of items the search is exhaustive: the saved ranking must be every item
-    sorted by the summed log-prob of its SID (+ EOS) after the rendered prompt, row by row."""
+    sorted by the summed log-prob of its SID (+ EOS) after the rendered prompt, row by row, whichever
+    beam search implementation ran it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mimigenrec import prompts
 
     root, _ = data
     run_eval("--data_dir", root, "--model", f"tiny={tiny_model}", "--no_baselines", "--num_beams", str(N_ITEMS),
-             "--ks", "1,10", "--max_rows", "3", "--batch_size", "3", "--output_dir", tmp_path, "--device", "cpu")
+             "--ks", "1,10", "--max_rows", "3", "--batch_size", "3", "--output_dir", tmp_path, "--device", "cpu",
+             "--beam_search", impl)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     lines = (root / "inter/test.jsonl").read_text().splitlines()

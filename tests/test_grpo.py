@@ -226,6 +226,15 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(cfg_path, ["rollout_mode=greedy", f"output_dir={tmp_path}/o"])
 
 
+def test_train_row_subset_is_seeded_and_zero_means_all():
+    from mimigenrec.train_grpo import _subset
+
+    rows = [{"i": i} for i in range(20)]
+    assert _subset(rows, None, 0) == rows and _subset(rows, 0, 0) == rows and _subset(rows, 50, 0) == rows
+    a, b = _subset(rows, 5, 1), _subset(rows, 5, 1)
+    assert a == b and len(a) == 5 and [r["i"] for r in a] == sorted(r["i"] for r in a)
+
+
 def _run_config(world, out: Path) -> Path:
     cfg = world.root / "run.yaml"
     cfg.write_text(json.dumps(dict(
