@@ -26,8 +26,8 @@ full ranking over every item that appears in the interactions, history items not
 Device: CUDA when ``torch.cuda.is_available()`` (SFT and GRPO with ``bf16=true``, GRPO under
 ``examples/accelerate/single_gpu.yaml``), else CPU. Outputs: ``<out>/quality_<dataset>.md`` and
 ``.json``; the table is printed last. A finished stage leaves ``runs/quality/<dataset>/stages/
-<stage>.json`` (command + seconds); with ``--reuse`` a stage whose command is unchanged is not run
-again and its recorded time is reported.
+<stage>.json`` (command + seconds); with ``--reuse`` a stage whose command is unchanged, and whose
+inputs' stages were reused too, is not run again and its recorded time is reported.
 """
 from __future__ import annotations
 
@@ -95,19 +95,23 @@ class Runner:
         self.seconds: dict[str, float] = {}
         self.commands: dict[str, str] = {}
         self.notes: dict[str, str] = {}
+        self.ran: set[str] = set()   # stages (re-)run by this invocation
         self.env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                         PYTHON=sys.executable)
         if (Path(sys.prefix) / "bin" / "activate").is_file():
             self.env["VENV"] = sys.prefix   # sft.sh activates this venv (the one running this script)
 
-    def run(self, stage: str, cmd: list[str], env: dict[str, str] | None = None) -> bool:
-        """Run ``cmd``; returns False when it was reused from an earlier identical run."""
+    def run(self, stage: str, cmd: list[str], env: dict[str, str] | None = None, after: tuple[str, ...] = ()) -> bool:
+        """Run ``cmd``; returns False when it was reused from an earlier identical run.
+
+        ``after``: the stages whose outputs ``cmd`` reads; if one of them ran, so does this one."""
         extra_env = env or {}
         line = " ".join(f"{k}={shlex.quote(v)}" for k, v in extra_env.items()) + (" " if extra_env else "")
         line += shlex.join(cmd)
         self.commands[stage] = line
         marker = self.stages / f"{stage}.json"
-        if self.reuse and marker.is_file():
+        # reused only when no stage it reads from was (re-)run in this invocation
+        if self.reuse and not self.ran & set(after) and marker.is_file():
             done = json.loads(marker.read_text())
             if done.get("command") == line:
                 self.seconds[stage] = done["seconds"]
@@ -116,6 +120,7 @@ class Runner:
                 print(f"[quality] {stage}: reused ({done['seconds']:.0f} s recorded)", flush=True)
                 return False
         marker.unlink(missing_ok=True)
+        self.ran.add(stage)
         log = self.logs / f"{stage}.log"
         print(f"[quality] {stage}: {line}\n[quality]   log: {log}", flush=True)
         t0 = time.perf_counter()
@@ -178,25 +183,28 @@ def pipeline(a: argparse.Namespace) -> dict:
                          "--name", spec["name"], "--dataset_dir", str(dataset_dir), "--seed", str(a.seed)])
     r.run("backbone", [py, "-m", "mimigenrec.backbones", "tiny", "--out", str(models / "tiny"),
                        "--data_dir", str(data), "--hidden_size", str(a.tiny_hidden),
-                       "--num_layers", str(a.tiny_layers), "--embed_std", "0.02"])
+                       "--num_layers", str(a.tiny_layers), "--embed_std", "0.02"], after=("preprocess",))
 
     sft_common = [f"dataset={spec['name']}_sft_train", f"eval_dataset={spec['name']}_sft_valid",
                   f"dataset_dir={dataset_dir}", "report_to=none"]
     gpu_train = ["bf16=true"] if cuda else []
     r.run("sft_tiny", ["bash", "sft.sh", "examples/sft/tiny_full.yaml", f"model_name_or_path={models / 'tiny'}",
-                       f"output_dir={models / 'tiny_sft'}", f"max_steps={a.sft_steps}", *sft_common, *gpu_train])
+                       f"output_dir={models / 'tiny_sft'}", f"max_steps={a.sft_steps}", *sft_common, *gpu_train],
+          after=("preprocess", "backbone"))
     grpo_env = {"ACCELERATE_CONFIG": "examples/accelerate/single_gpu.yaml"} if cuda else {}
     r.run("grpo_tiny", ["bash", "trl_trainer.sh", "examples/rl/tiny_sample.yaml",
                         f"model_name_or_path={models / 'tiny_sft'}", f"data_dir={data}",
                         f"output_dir={models / 'tiny_grpo'}", f"max_steps={a.grpo_steps}",
-                        *(["bf16=true", "use_cpu=false"] if cuda else [])], env=grpo_env)
+                        *(["bf16=true", "use_cpu=false"] if cuda else [])], env=grpo_env,
+          after=("preprocess", "sft_tiny"))
     llms = {"tiny_sft": models / "tiny_sft", "tiny_grpo": models / "tiny_grpo"}
     if a.smollm2:
         smol = runs / "models" / "smollm2"   # the import is the same for every dataset
         r.run("import_smollm2", [py, "-m", "mimigenrec.gguf_import", "--model", "smollm2", "--out", str(smol)])
         r.run("sft_smollm2", ["bash", "sft.sh", "examples/sft/smollm2_full.yaml", f"model_name_or_path={smol}",
                               f"output_dir={models / 'smollm2_sft'}", f"max_steps={a.smollm2_sft_steps}",
-                              "eval_strategy=no", *sft_common, *gpu_train])
+                              "eval_strategy=no", *sft_common, *gpu_train],
+              after=("preprocess", "import_smollm2"))
     baselines = ["--baseline", "popularity", "--baseline", "sasrec"]
 
     def evaluate(stage: str, names: list[str], rows: int) -> dict:
@@ -205,7 +213,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         cmd = ["bash", "evaluate.sh", "--data_dir", str(data), "--split", "test", *models_args, *baselines,
                "--max_rows", str(rows), "--seed", str(a.seed), "--output_dir", str(out), "--overwrite",
                "--quiet"]
-        r.run(f"eval_{stage}", cmd)
+        r.run(f"eval_{stage}", cmd, after=("preprocess", "sft_tiny", "grpo_tiny", "sft_smollm2"))
         return read_json(ROOT / out / "metrics.json")
 
     tables = {"main": {"rows": a.eval_rows, "metrics": evaluate("main", ["tiny_sft", "tiny_grpo"], a.eval_rows)}}
