@@ -160,7 +160,7 @@ def sft_result(out_dir: Path) -> dict:
     res = read_json(out_dir / "all_results.json")
     state = read_json(out_dir / "trainer_state.json")
     return {"train_loss": res.get("train_loss"), "eval_loss": res.get("eval_loss"),
-            "global_step": state.get("global_step")}
+            "global_step": state.get("global_step"), "epochs": state.get("epoch")}
 
 
 def pipeline(a: argparse.Namespace) -> dict:
@@ -266,8 +266,8 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def fmt_loss(x) -> str:
-    return f"{x:.3f}" if isinstance(x, (int, float)) else str(x)
+def fmt_loss(x, digits: int = 3) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
 def render(res: dict) -> str:
@@ -276,8 +276,8 @@ def render(res: dict) -> str:
            f"Protocol: {res['protocol']}.", "",
            f"Device: {res['device']}. Data: " + ", ".join(f"{k} {v}" for k, v in res["data_stats"].items()) + ".",
            f"Tiny model (random Qwen2, {s.get('tiny_layers', 2)} layers x {s.get('tiny_hidden', 64)} wide) "
-           f"SFT {s['sft_steps']} steps "
-           f"(final train loss {fmt_loss(res['training']['tiny_sft'].get('train_loss'))}), "
+           f"SFT {s['sft_steps']} steps = {fmt_loss(res['training']['tiny_sft'].get('epochs'), 2)} epochs "
+           f"(mean train loss {fmt_loss(res['training']['tiny_sft'].get('train_loss'))}), "
            f"then GRPO {s['grpo_steps']} steps.", ""]
     for key, t in res["tables"].items():
         meta = t["metrics"].get("_meta", {})
@@ -286,7 +286,8 @@ def render(res: dict) -> str:
             out.append(f"## Test split, {n} rows ({'all' if not t['rows'] else 'seeded subset'}), "
                        f"{meta.get('n_ranked_items')} items ranked")
         else:
-            out.append(f"## SmolLM2-135M after SFT ({s['smollm2_sft_steps']} steps: UNDER-TRAINED), "
+            ep = fmt_loss(res["training"].get("smollm2_sft", {}).get("epochs"), 3)
+            out.append(f"## SmolLM2-135M after SFT ({s['smollm2_sft_steps']} steps = {ep} epochs: UNDER-TRAINED), "
                        f"seeded subset of {n} test rows, every method on the same rows")
         out += ["", metrics_table(t["metrics"]), "", verdict(t["metrics"]), ""]
     out += ["## Wall time per stage", "", "| stage | seconds | note |", "|---|---|---|"]
