@@ -1,10 +1,28 @@
 """YAML configs with ``key=value`` command-line overrides, shared by the SFT and RL launchers."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
+
+_BOOL = "tag:yaml.org,2002:bool"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false. YAML 1.1 also reads yes/no/on/off as
+    booleans, which turns ``eval_strategy=no`` or ``save_strategy: no`` into False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != _BOOL] for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 booleans (``no`` stays the string "no")."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_yaml_mapping(path: str | Path, error: type[Exception] = ValueError) -> dict[str, Any]:
@@ -13,7 +31,7 @@ def read_yaml_mapping(path: str | Path, error: type[Exception] = ValueError) -> 
     if not p.is_file():
         raise error(f"config file not found: {p}")
     try:
-        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        cfg = load_yaml(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise error(f"{p}: not valid YAML ({e})") from None
     if not isinstance(cfg, dict):
@@ -31,7 +49,7 @@ def parse_override(item: str, error: type[Exception] = ValueError) -> tuple[str,
     if not sep or not key:
         raise error(f"override {item!r} is not of the form key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str):

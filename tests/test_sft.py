@@ -126,6 +126,14 @@ def test_yaml_overrides_and_write(tmp_path):
     assert add_tokens_for_config(cfg) is None  # already set: sft.sh leaves it alone
     with pytest.raises(SFTConfigError, match="key=value"):
         load_yaml_with_overrides(base, ["no_equals_sign"])
+    # YAML 1.2 booleans: "no" / "off" stay strings (TrainingArguments rejects eval_strategy=False)
+    base.write_text("save_strategy: no\nplot_loss: true\n")
+    cfg = load_yaml_with_overrides(base, ["eval_strategy=no", "report_to=none", "do_eval=False"])
+    assert cfg == {"save_strategy": "no", "plot_loss": True, "eval_strategy": "no", "report_to": "none",
+                   "do_eval": False}
+    out = tmp_path / "b.yaml"
+    write_sft_yaml(cfg, out)
+    assert load_yaml_with_overrides(out)["eval_strategy"] == "no"
 
 
 def test_sft_sh_injects_add_tokens(tmp_path):
