@@ -17,8 +17,9 @@ already sets add_tokens. The tokens are added as normal (non-special) tokens and
 LLaMA-Factory resizes the embeddings.
 
 Overrides: any LLaMA-Factory argument, e.g. num_train_epochs=1 learning_rate=1e-4
-output_dir=runs/sft/x report_to=none bf16=false. Values are read as YAML 1.1 by
-LLaMA-Factory (OmegaConf), so quote words like no/yes/on/off: save_strategy="'no'".
+output_dir=runs/sft/x report_to=none bf16=false eval_strategy=no. LLaMA-Factory reads them
+as YAML 1.1 (OmegaConf), where no/yes/on/off/y/n are booleans; sft.sh quotes such values
+(eval_strategy=no is passed as eval_strategy='no'), so only true/false are booleans.
 
 Environment:
   VENV             virtualenv to activate (default: <repo>/.venv when it exists; system = none)
@@ -63,6 +64,11 @@ source "$ROOT/scripts/activate.sh"
 cd "$ROOT"
 
 ARGS=("$@")
+# YAML 1.2 booleans: keep no/yes/on/off/y/n strings (TrainingArguments rejects eval_strategy=False)
+for i in "${!ARGS[@]}"; do
+  a="${ARGS[$i]}"; v="${a#*=}"
+  if [[ "$a" == *=* && "${v,,}" =~ ^(yes|no|on|off|y|n)$ ]]; then ARGS[$i]="${a%%=*}='$v'"; fi
+done
 if [[ -n "${DEEPSPEED:-}" ]]; then
   ARGS+=("deepspeed=$DEEPSPEED")
 fi

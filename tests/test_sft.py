@@ -146,6 +146,9 @@ def test_sft_sh_injects_add_tokens(tmp_path):
     out = subprocess.run(cmd + ["add_tokens=<q_1>"], capture_output=True, text=True, env=env, cwd=tmp_path,
                          check=True).stdout
     assert out.count("add_tokens=") == 1
+    out = subprocess.run(cmd + ["eval_strategy=no", "bf16=false"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, check=True).stdout
+    assert "eval_strategy=\\'no\\'" in out and "bf16=false" in out  # quoted for OmegaConf's YAML 1.1
     help_text = subprocess.run(["bash", str(ROOT / "sft.sh"), "--help"], capture_output=True, text=True).stdout
     for var in ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "DEEPSPEED", "VENV"):
         assert var in help_text
