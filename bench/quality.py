@@ -213,7 +213,8 @@ def pipeline(a: argparse.Namespace) -> dict:
         cmd = ["bash", "evaluate.sh", "--data_dir", str(data), "--split", "test", *models_args, *baselines,
                "--max_rows", str(rows), "--seed", str(a.seed), "--output_dir", str(out), "--overwrite",
                "--quiet"]
-        r.run(f"eval_{stage}", cmd, after=("preprocess", "sft_tiny", "grpo_tiny", "sft_smollm2"))
+        trained = {"tiny_sft": "sft_tiny", "tiny_grpo": "grpo_tiny", "smollm2_sft": "sft_smollm2"}
+        r.run(f"eval_{stage}", cmd, after=("preprocess", *(trained[n] for n in names)))
         return read_json(ROOT / out / "metrics.json")
 
     tables = {"main": {"rows": a.eval_rows, "metrics": evaluate("main", ["tiny_sft", "tiny_grpo"], a.eval_rows)}}
@@ -266,7 +267,7 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def fmt_loss(x, digits: int = 3) -> str:
+def fmt_num(x, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
@@ -276,8 +277,8 @@ def render(res: dict) -> str:
            f"Protocol: {res['protocol']}.", "",
            f"Device: {res['device']}. Data: " + ", ".join(f"{k} {v}" for k, v in res["data_stats"].items()) + ".",
            f"Tiny model (random Qwen2, {s.get('tiny_layers', 2)} layers x {s.get('tiny_hidden', 64)} wide) "
-           f"SFT {s['sft_steps']} steps = {fmt_loss(res['training']['tiny_sft'].get('epochs'), 2)} epochs "
-           f"(mean train loss {fmt_loss(res['training']['tiny_sft'].get('train_loss'))}), "
+           f"SFT {s['sft_steps']} steps = {fmt_num(res['training']['tiny_sft'].get('epochs'), 2)} epochs "
+           f"(mean train loss {fmt_num(res['training']['tiny_sft'].get('train_loss'))}), "
            f"then GRPO {s['grpo_steps']} steps.", ""]
     for key, t in res["tables"].items():
         meta = t["metrics"].get("_meta", {})
@@ -286,7 +287,7 @@ def render(res: dict) -> str:
             out.append(f"## Test split, {n} rows ({'all' if not t['rows'] else 'seeded subset'}), "
                        f"{meta.get('n_ranked_items')} items ranked")
         else:
-            ep = fmt_loss(res["training"].get("smollm2_sft", {}).get("epochs"), 3)
+            ep = fmt_num(res["training"].get("smollm2_sft", {}).get("epochs"), 3)
             out.append(f"## SmolLM2-135M after SFT ({s['smollm2_sft_steps']} steps = {ep} epochs: UNDER-TRAINED), "
                        f"seeded subset of {n} test rows, every method on the same rows")
         out += ["", metrics_table(t["metrics"]), "", verdict(t["metrics"]), ""]
