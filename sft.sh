@@ -19,7 +19,8 @@ LLaMA-Factory resizes the embeddings.
 Overrides: any LLaMA-Factory argument, e.g. num_train_epochs=1 learning_rate=1e-4
 output_dir=runs/sft/x report_to=none bf16=false eval_strategy=no. LLaMA-Factory reads them
 as YAML 1.1 (OmegaConf), where no/yes/on/off/y/n are booleans; sft.sh quotes such values
-(eval_strategy=no is passed as eval_strategy='no'), so only true/false are booleans.
+(eval_strategy=no is passed as eval_strategy='no'), so only true/false are booleans there.
+Inside CONFIG.yaml LLaMA-Factory's YAML 1.1 reading applies: write save_strategy: 'no'.
 
 Environment:
   VENV             virtualenv to activate (default: <repo>/.venv when it exists; system = none)
