@@ -1,25 +1,90 @@
-"""Small file helpers shared by every stage: tolerant line readers, atomic writers, the data-dir layout."""
+"""Small file helpers shared by every stage: the one user-error path, tolerant line readers, atomic
+writers, content fingerprints and the data-dir layout."""
 from __future__ import annotations
 
 import ast
+import errno
+import fnmatch
 import gzip
+import hashlib
 import json
 import os
 import sys
 import tempfile
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 
 class BadInputError(ValueError):
-    """Raised when input is malformed beyond what a stage may skip."""
+    """An anticipated user error (bad input file, setting or path); the message reads
+    ``file: what is wrong: what to do``. Entry points print it and exit 2 (:func:`cli_errors`)."""
 
 
-def open_text(path: str | os.PathLike) -> Any:
-    """Open a plain or ``.gz`` text file for reading."""
-    p = str(path)
-    return gzip.open(p, "rt", encoding="utf-8") if p.endswith(".gz") else open(p, encoding="utf-8")
+def bad(where: Any, what: str, todo: str = "") -> BadInputError:
+    """``BadInputError("where: what: todo")``: name the file (or option), the problem, the fix."""
+    return BadInputError(f"{where}: {what}" + (f": {todo}" if todo else ""))
+
+
+def cli_errors(fn: Callable[[], Any]) -> int:
+    """Run an entry point; anticipated errors become one ``error: ...`` line on stderr and exit code 2.
+
+    :class:`BadInputError`, permission and disk-full errors are anticipated; anything else is a bug
+    and keeps its traceback. ``MIMIGENREC_TRACEBACK=1`` shows tracebacks for every error.
+    """
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (BadInputError, PermissionError, OSError) as e:
+        if os.environ.get("MIMIGENREC_TRACEBACK") == "1":
+            raise
+        if isinstance(e, BadInputError):
+            msg = str(e)
+        elif isinstance(e, PermissionError):
+            msg = f"{e.filename}: permission denied: choose a folder you can write to, or fix its permissions"
+        elif e.errno == errno.ENOSPC:
+            msg = f"{e.filename or 'disk'}: no space left on the device: free some space or write elsewhere"
+        else:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def is_gzip(path: str | os.PathLike) -> bool:
+    """True when the file starts with the gzip magic bytes (whatever its name says)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != GZIP_MAGIC and str(path).endswith(".gz"):
+        raise bad(path, "named .gz but is not gzip data (a failed download saves an error page)",
+                  "download it again, or drop the .gz from the name if it is plain text")
+    return head == GZIP_MAGIC
+
+
+@contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a truncated or corrupt gzip stream and non-UTF-8 bytes into errors that name ``path``."""
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise bad(path, f"the compressed data is truncated or corrupt ({e})",
+                  "an interrupted download? fetch the file again (`gzip -t FILE` checks it)") from None
+    except UnicodeDecodeError as e:
+        raise bad(path, f"not UTF-8 text at byte {e.start} (a binary or differently encoded file?)",
+                  "give the JSON-lines text file (plain or .gz)") from None
+
+
+def open_text(path: str | os.PathLike) -> IO[str]:
+    """Open a text file for reading, gunzipping it when its content is gzip (whatever the name)."""
+    if is_gzip(path):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 @dataclass
@@ -56,7 +121,7 @@ def iter_records(
     first one raises :class:`BadInputError` instead.
     """
     errors = errors if errors is not None else LineErrors(str(path))
-    with open_text(path) as f:
+    with reading(path), open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -92,43 +157,120 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _atomic(path: str | os.PathLike, writer: Callable[[Any], None], mode: str = "w") -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+@contextmanager
+def atomic_outputs(paths: Iterable[str | os.PathLike], mode: str = "w") -> Iterator[list[IO]]:
+    """Open files for writing; each replaces its target (with the usual umask permissions, not
+    mkstemp's 0600) only if the block succeeds, so a crash never leaves a half-written output."""
+    paths = [Path(p) for p in paths]
+    tmps: list[str] = []
+    files: list[IO] = []
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            writer(f)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+            tmps.append(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            files.append(os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})))
+        yield files
+        for f in files:
+            f.close()
+        for tmp, p in zip(tmps, paths):
+            os.replace(tmp, p)
+    finally:
+        for f in files:
+            f.close()
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
     """Atomically write ``obj`` as JSON."""
-    _atomic(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=indent))
+    with atomic_outputs([path]) as (f,):
+        json.dump(obj, f, ensure_ascii=False, indent=indent)
 
 
-def write_jsonl(path: str | os.PathLike, rows: Any) -> None:
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
     """Atomically write an iterable of objects, one JSON object per line."""
-    def w(f):
+    with atomic_outputs([path]) as (f,):
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    _atomic(path, w)
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file (plain or gzip); malformed content is an error naming ``file:line``."""
     try:
-        with open_text(path) as f:
+        with reading(path), open_text(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise BadInputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """blake2b (128 bits) of a file's bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(paths: Iterable[str | os.PathLike], extra: Any = None) -> str:
+    """One digest over the content of ``paths`` (a missing file counts as "missing") and ``extra``.
+
+    Reuse and resume decisions compare these: a cache made from other bytes is stale.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    for p in paths:
+        p = Path(p)
+        h.update(f"\0{p.name}\0{file_digest(p) if p.is_file() else 'missing'}".encode())
+    return h.hexdigest()
+
+
+MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+               "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
+               "merges.txt", "chat_template*", "*.model", "adapter_config.json", "*.gguf")
+
+
+def model_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The files of a Hugging Face model folder that define it (weights, config, tokenizer), sorted."""
+    d = Path(model_dir)
+    return sorted(p for p in d.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, m) for m in MODEL_FILES))
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """Digest of a model folder's weights, config and tokenizer (not its logs or checkpoints)."""
+    return fingerprint(model_files(model_dir))
+
+
+def check_model_dir(path: str | os.PathLike, role: str = "model") -> Path:
+    """``path`` as a Hugging Face model folder, or an error saying what it is instead and what to do."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        raise bad(p, f"{role} is a GGUF file", "convert it first: python -m mimigenrec.gguf_import --help")
+    if not p.exists():
+        raise bad(p, f"no such {role} folder", "give the output_dir of an SFT or GRPO run (a folder with config.json)")
+    if not p.is_dir():
+        raise bad(p, f"{role} is a file, not a model folder", "give the folder holding config.json")
+    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        raise bad(p, f"{role} is a LoRA adapter, not a full model",
+                  "merge it first: SFT_CMD=export bash sft.sh examples/merge/lora_merge.yaml")
+    if not (p / "config.json").is_file():
+        raise bad(p, f"{role} folder has no config.json",
+                  "give the output_dir of a finished SFT or GRPO run (a checkpoint-N folder also works)")
+    return p
+
+
 SPLITS = ("train", "valid", "test")
+
+
+def add_out_dir_argument(parser: Any, help: str) -> None:
+    """``--out_dir O`` (alias ``--data_dir``, the name every command after preprocessing uses)."""
+    parser.add_argument("--out_dir", "--data_dir", dest="out_dir", required=True, metavar="O", help=help)
 
 
 @dataclass(frozen=True)
@@ -167,3 +309,33 @@ class DataDir:
 
     def load_id2sid(self) -> dict[int, list[str]]:
         return {int(k): v for k, v in read_json(self.id2sid).items()}
+
+    def load_captions(self, items: dict[int, dict]) -> dict[int, str]:
+        """``item_id -> caption`` of the captions made for the items now in items.jsonl.
+
+        A caption row carries its item's ``raw_id``; rows whose raw_id differs (a source stage re-ran
+        and renumbered the items) are stale: they are left out and counted in a warning.
+        """
+        if not self.captions.is_file():
+            return {}
+        errs = LineErrors(str(self.captions))
+        caps, stale = {}, 0
+        for _, r in iter_records(self.captions, errs):
+            if caption_is_current(r, items):
+                caps[int(r["item_id"])] = r["caption"]
+            else:
+                stale += 1
+        errs.report()
+        if stale:
+            print(f"[warn] {self.captions}: {stale} caption(s) were made for other items (a re-run source stage "
+                  "renumbered them?): left out; re-run the caption stage to redo them", file=sys.stderr)
+        return caps
+
+
+def caption_is_current(row: dict, items: dict[int, dict]) -> bool:
+    """True when a caption row names an item of ``items`` with the same ``raw_id`` and has a caption."""
+    try:
+        item = items.get(int(row["item_id"]))
+    except (KeyError, TypeError, ValueError):
+        return False
+    return bool(item and row.get("caption") and row.get("raw_id") == item.get("raw_id"))

@@ -36,12 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         mod.add_arguments(p)
         modules[name] = mod
     args = parser.parse_args(argv)
-    from mimigenrec.io import BadInputError
-    try:
-        return int(modules[args.stage].run(args) or 0)
-    except BadInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from mimigenrec.io import cli_errors
+
+    return cli_errors(lambda: modules[args.stage].run(args))
 
 
 if __name__ == "__main__":

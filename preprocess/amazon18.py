@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mimigenrec.io import BadInputError, LineErrors
+from mimigenrec.io import BadInputError, LineErrors, bad
 
 from .interactions import (
     EventLog,
     RecordReader,
     add_common_arguments,
     build_dataset,
+    check_read,
     clean_text,
     config_from_args,
     flat_strings,
@@ -41,6 +42,12 @@ _ASIN_RE = re.compile(rb"""["']asin["']\s*:\s*(["'])([^"'\\]*)\1""")  # no match
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m preprocess amazon18``."""
     parser.add_argument("--raw_dir", default=".", help="folder holding the review and metadata files")
+    add_source_arguments(parser)
+    add_common_arguments(parser)
+
+
+def add_source_arguments(parser: Any) -> None:
+    """The options only this source stage has (``all`` offers them too)."""
     parser.add_argument("--category", default=None,
                         help="category name as in the file names, e.g. Industrial_and_Scientific "
                              "(needed unless --reviews and --meta are given)")
@@ -49,7 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_title_chars", type=int, default=300, help="cut cleaned titles to this length")
     parser.add_argument("--max_desc_chars", type=int, default=1000,
                         help="cut cleaned descriptions to this length (0 = no cap)")
-    add_common_arguments(parser)
 
 
 def find_file(raw_dir: str | Path, category: str | None, names: tuple[str, ...], what: str) -> Path:
@@ -138,11 +144,12 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     """Run the amazon18 stage (see the module docstring)."""
     cfg = config_from_args(args)
-    reviews = Path(args.reviews) if args.reviews else find_file(args.raw_dir, args.category, REVIEW_NAMES, "reviews")
-    meta = Path(args.meta) if args.meta else find_file(args.raw_dir, args.category, META_NAMES, "meta")
+    raw_dir = args.raw_dir or "."
+    reviews = Path(args.reviews) if args.reviews else find_file(raw_dir, args.category, REVIEW_NAMES, "reviews")
+    meta = Path(args.meta) if args.meta else find_file(raw_dir, args.category, META_NAMES, "meta")
     for p in (reviews, meta):
         if not p.is_file():
-            raise BadInputError(f"file not found: {p}")
+            raise bad(p, "file not found", "check --reviews / --meta, or --raw_dir and --category")
     t0 = time.perf_counter()
     log, rev_err, n_lines = read_reviews(reviews, strict=args.strict)
     t1 = time.perf_counter()
@@ -151,6 +158,8 @@ def _run(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     rev_err.report()
     meta_err.report()
+    check_read(reviews, n_lines, len(log), rev_err, "reviews", "one JSON object per line with reviewerID, asin, "
+               "unixReviewTime")
     stats = {
         "dataset": f"amazon18/{args.category or reviews.stem}",
         "source": {"reviews": str(reviews), "meta": str(meta)},

@@ -26,17 +26,26 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from mimigenrec.io import SPLITS, BadInputError, DataDir, LineErrors, write_json
+from mimigenrec.io import (
+    SPLITS,
+    BadInputError,
+    DataDir,
+    LineErrors,
+    add_out_dir_argument,
+    atomic_outputs,
+    bad,
+    is_gzip,
+    reading,
+    write_json,
+)
 
 try:  # orjson parses JSON lines ~3x faster than json; optional
     import orjson as _orjson
@@ -83,10 +92,12 @@ class _Progress:
 
 @contextmanager
 def open_bytes(path: str | os.PathLike, desc: str = "") -> Iterator[tuple[IO[bytes], _Progress]]:
-    """Open a plain or ``.gz`` file for binary line iteration, with a byte progress bar."""
+    """Open a plain or gzip file (recognised by its content, whatever the name) for binary line
+    iteration, with a byte progress bar; truncated or corrupt gzip data is an error naming the file."""
     path = str(path)
-    with open(path, "rb") as raw:
-        f: IO[bytes] = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+    gz = is_gzip(path)
+    with reading(path), open(path, "rb") as raw:
+        f: IO[bytes] = gzip.GzipFile(fileobj=raw) if gz else raw
         prog = _Progress(path, raw, desc or os.path.basename(path))
         try:
             yield f, prog
@@ -95,7 +106,7 @@ def open_bytes(path: str | os.PathLike, desc: str = "") -> Iterator[tuple[IO[byt
 
 
 def iter_lines(path: str | os.PathLike, desc: str = "") -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line_number, raw line bytes)`` of a plain or ``.gz`` file, with a progress bar."""
+    """Yield ``(line_number, raw line bytes)`` of a plain or gzip file, with a progress bar."""
     with open_bytes(path, desc) as (f, prog):
         for lineno, line in enumerate(f, 1):
             if not lineno & 0xFFFF:
@@ -335,8 +346,7 @@ def _ratio(s: str) -> tuple[float, float, float]:
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every source stage shares: output, filters, split protocol."""
-    parser.add_argument("--out_dir", required=True,
-                        help="dataset directory to write (items.jsonl, users.jsonl, inter/, stats.json)")
+    add_out_dir_argument(parser, "dataset directory to write (items.jsonl, users.jsonl, inter/, stats.json)")
     parser.add_argument("--kcore", type=int, default=0,
                         help="iterative k-core: drop users and items with fewer than K interactions, repeated until "
                              "nothing changes (0 = off; the user side always needs --min_seq_len)")
@@ -458,6 +468,17 @@ def split_labels(user_start: np.ndarray, n_events: int, order_ts: np.ndarray, or
 # --------------------------------------------------------------------------- writing
 
 
+def check_read(path: str | os.PathLike, lines: int, read: int, errors: LineErrors, what: str, expected: str) -> None:
+    """An error naming ``path`` when reading it gave no usable record (empty file, or every line bad)."""
+    if read or (lines and not errors.count):  # lines read but filtered out: build_dataset names the filter
+        return
+    if lines == 0:
+        raise bad(path, "the file is empty", f"give the {what} file ({expected})")
+    example = f", e.g. {errors.examples[0]}" if errors.examples else ""
+    raise bad(path, f"none of its {lines} lines is a usable {what} record ({errors.count} malformed{example})",
+              f"is it the {what} file? expected {expected}")
+
+
 def _empty_error(what: str, hint: str) -> BadInputError:
     return BadInputError(f"no {what} left after {hint}")
 
@@ -576,30 +597,6 @@ def _write_items(dd: DataDir, items_out: list[str], users_out: list[str], item_m
         fu.writelines(f'{{"user_id": {k}, "raw_id": {_dumps_line(raw)[:-1]}}}\n' for k, raw in enumerate(users_out))
 
 
-@contextmanager
-def atomic_outputs(paths: list[Path]) -> Iterator[list[IO[str]]]:
-    """Open several text files for writing; each replaces its target only if the block succeeds."""
-    tmps: list[str] = []
-    files: list[IO[str]] = []
-    try:
-        for p in paths:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
-            tmps.append(tmp)
-            files.append(os.fdopen(fd, "w", encoding="utf-8"))
-        yield files
-        for f in files:
-            f.close()
-        for tmp, p in zip(tmps, paths):
-            os.replace(tmp, p)
-    finally:
-        for f in files:
-            f.close()
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
 def _write_rows(dd: DataDir, ev_user: np.ndarray, ev_item: np.ndarray, ev_ts: np.ndarray,
                 labels: np.ndarray, user_start: np.ndarray, max_history: int, block: int = 1 << 16) -> None:
     """Write ``inter/{train,valid,test}.jsonl``; rows grouped by user, positions ascending.
@@ -651,5 +648,6 @@ def print_summary(stats: Mapping[str, Any], out_dir: str | os.PathLike, stream: 
     r = stats["rows"]
     print(f"{stats.get('dataset', '')}: {stats['users']} users, {stats['items']} items, "
           f"{stats['interactions']} interactions -> train/valid/test rows {r['train']}/{r['valid']}/{r['test']} "
-          f"({stats['split']}); malformed lines {stats.get('malformed_lines', 0)}, items dropped without title "
+          f"({stats['split']}); malformed lines {stats.get('malformed_lines', 0)} (+ {stats.get('meta_malformed', 0)} "
+          f"in the item file), items dropped without title "
           f"{stats.get('dropped_no_title_items', 0)}; {stats['seconds']['total']:.2f}s -> {out_dir}", file=stream)

@@ -14,7 +14,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from mimigenrec.io import BadInputError, LineErrors
 
@@ -22,6 +22,7 @@ from .interactions import (
     EventLog,
     add_common_arguments,
     build_dataset,
+    check_read,
     clean_text,
     config_from_args,
     gc_paused,
@@ -83,12 +84,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw_dir", default=None,
                         help="folder with u.data+u.item (ml-100k), ratings.dat+movies.dat (ml-1m) or "
                              "<name>.inter+<name>.item (RecBole atomic files)")
+    add_source_arguments(parser)
+    add_common_arguments(parser)
+
+
+def add_source_arguments(parser: Any) -> None:
+    """The options only this source stage has (``all`` offers them too)."""
     parser.add_argument("--fetch_ml100k", action="store_true",
                         help="instead of --raw_dir, use RecBole's ml-100k (pip download of recbole, cached in "
                              "~/.cache/mimigenrec)")
     parser.add_argument("--min_rating", type=float, default=0.0,
                         help="keep only ratings >= this value as interactions (0 = keep all)")
-    add_common_arguments(parser)
 
 
 # --------------------------------------------------------------------------- flavours
@@ -227,6 +233,7 @@ def read_movielens(raw: Path, min_rating: float = 0.0, strict: bool = False) -> 
         raise BadInputError(item_errors.examples[0])
     errors.report()
     item_errors.report()
+    check_read(ratings, n, len(log), errors, "ratings", f"the {flavour} ratings format")
     stats = {"dataset": f"movielens/{flavour}", "flavour": flavour,
              "source": {"ratings": str(ratings), "items": str(item_file)},
              "raw_lines": n, "malformed_lines": errors.count, "malformed_examples": errors.examples or [],
