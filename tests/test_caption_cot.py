@@ -402,8 +402,8 @@ def make_cot_dataset(root: Path) -> dict:
     items += [{"item_id": i, "raw_id": rid, "title": t, "description": "", "brand": "Rare", "categories": ["Lab"],
                "image_urls": []} for i, (t, rid) in TARGETS.items()]
     _write_jsonl(root / "items.jsonl", items)
-    _write_jsonl(root / "captions.jsonl", [{"item_id": 0, "caption": "blue rubber gloves in a cardboard box",
-                                            "backend": "test"}])
+    _write_jsonl(root / "captions.jsonl", [{"item_id": 0, "raw_id": items[0]["raw_id"],
+                                            "caption": "blue rubber gloves in a cardboard box", "backend": "test"}])
     id2sid = {str(it["item_id"]): [f"<a_{it['item_id']}>", f"<b_{7 * it['item_id'] % 13}>", "<c_0>"] for it in items}
     (root / "id2sid.json").write_text(json.dumps(id2sid))
     rows = [{"user_id": 0, "history": [0, 1, 2], "target": 10, "timestamp": 1, "position": 3},
@@ -466,11 +466,11 @@ def test_cot_http_no_target_leak_and_failures(tmp_path, server):
     assert all("FAILME" in p or "NORATING" in p for p in server.prompts()[n:])
 
 
-def test_cot_hindsight_sees_target_and_is_train_only(tmp_path, server):
+def test_cot_hindsight_sees_target_and_is_train_only(tmp_path, server, capsys):
     ds = make_cot_dataset(tmp_path)
     base = ["--backend", "http", "--base_url", server.base_url, "--judge", "llm", "--hindsight", "--limit", "3"]
-    with pytest.raises(SystemExit, match="only allowed with --split train"):
-        preprocess_main(cot_cli(tmp_path, *base, "--split", "valid"))
+    assert preprocess_main(cot_cli(tmp_path, *base, "--split", "valid")) == 2
+    assert "only allowed with --split train" in capsys.readouterr().err
     assert preprocess_main(cot_cli(tmp_path, *base)) == 0
     prompts = [p for p in server.prompts() if "actual next item" in p and "On a scale" not in p]
     assert len(prompts) == 3  # positive control for the leakage test: this mode does show the target
