@@ -8,6 +8,8 @@ random position of the shuffled list.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 from pathlib import Path
@@ -64,6 +66,17 @@ def sample_candidates(rows: Sequence[Mapping], item_pool: Sequence[int], num_neg
     return out
 
 
+def inputs_digest(rows: Sequence[Mapping], item_pool: Sequence[int],
+                  exclude: Mapping[int, Sequence[int]] | None) -> str:
+    """Digest of everything a candidate draw depends on besides ``(num_negatives, seed)``."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([[int(r["user_id"]), int(r["position"]), int(r["target"]), [int(i) for i in r["history"]]]
+                         for r in rows]).encode())
+    h.update(json.dumps(sorted({int(i) for i in item_pool})).encode())
+    h.update(json.dumps(sorted((int(u), [int(i) for i in s]) for u, s in (exclude or {}).items())).encode())
+    return h.hexdigest()
+
+
 def cache_path(data_dir: str | os.PathLike, split: str, num_negatives: int, seed: int) -> Path:
     """``O/candidates/<split>_n<N>_s<seed>.json``."""
     return DataDir(data_dir).candidates / f"{split}_n{num_negatives}_s{seed}.json"
@@ -74,21 +87,24 @@ def cached_candidates(data_dir: str | os.PathLike, split: str, rows: Sequence[Ma
                       fallback_dir: str | os.PathLike | None = None) -> list[list[int]]:
     """:func:`sample_candidates` for ``rows`` of ``split``, cached as ``{"u:p": [items]}``.
 
-    The cache is read when it holds every row with its target among the candidates, and
-    (re)written otherwise; if ``O`` is not writable it goes to ``fallback_dir`` instead.
+    The cache is read when it was drawn from the same inputs (a digest of the rows, the item pool
+    and the excluded sequences) and holds every row; it is (re)written otherwise, so a dataset
+    rebuilt in the same folder never reuses candidates of the old one. If ``O`` is not writable
+    the cache goes to ``fallback_dir`` instead.
     """
     paths = [cache_path(data_dir, split, num_negatives, seed)]
     if fallback_dir is not None:
         paths.append(Path(fallback_dir) / "candidates" / paths[0].name)
     keys = [f"{int(r['user_id'])}:{int(r['position'])}" for r in rows]
+    digest = inputs_digest(rows, item_pool, exclude)
     for path in paths:
         if path.is_file():
-            cached = read_json(path).get("rows", {})
-            if all(k in cached and int(r["target"]) in cached[k] and len(cached[k]) == num_negatives + 1
-                   for k, r in zip(keys, rows)):
-                return [[int(i) for i in cached[k]] for k in keys]
+            cached = read_json(path)
+            if cached.get("inputs") == digest and all(k in cached.get("rows", {}) for k in keys):
+                return [[int(i) for i in cached["rows"][k]] for k in keys]
     cands = sample_candidates(rows, item_pool, num_negatives, seed, exclude)
-    payload = {"split": split, "num_negatives": num_negatives, "seed": seed, "rows": dict(zip(keys, cands))}
+    payload = {"split": split, "num_negatives": num_negatives, "seed": seed, "inputs": digest,
+               "rows": dict(zip(keys, cands))}
     for path in paths:
         try:
             write_json(path, payload, indent=None)

@@ -19,11 +19,19 @@ candidate references may appear; duplicates removed; anything else makes the row
 Baselines on the same rows: ``popularity`` (interaction counts of the splits before the
 evaluated one: train, + valid for test; ties -> smaller item id) and ``sasrec``
 (``sasrec_bce``): SASRec trained on the train split, early-stopped on valid NDCG@10, fed the
-whole earlier sequence (so for test the valid item is history, never a training target).
+whole earlier sequence (so for test the valid item is history, never a training target). When
+the valid split is the one scored, SASRec early-stops on each user's last train row instead
+(held out from its training), never on the rows it is scored on.
 
 Sharding: under ``torchrun`` / ``accelerate launch`` each rank takes rows ``i % WORLD_SIZE
 == RANK``, appends to ``OUTPUT_DIR/shards/``; rank 0 merges after a barrier and scores.
-Re-running with the same settings skips rows already predicted (resume).
+
+Reuse: ``OUTPUT_DIR/run_config.json`` records the settings and, per method, a fingerprint of
+what its predictions were made from (the data files; a model's weights, config and tokenizer).
+A re-run with the same settings continues where a run stopped; a method whose fingerprint
+changed (a model retrained into the same folder, a dataset rebuilt) is predicted again, with a
+message. Other settings in an output dir that holds predictions are refused (``--overwrite``
+discards them). ``metrics.json`` and the table hold exactly the methods of this run.
 """
 from __future__ import annotations
 
@@ -43,7 +51,19 @@ import torch
 from tqdm.auto import tqdm
 
 from mimigenrec import prompts
-from mimigenrec.io import BadInputError, DataDir, iter_records, read_json, write_json, write_jsonl
+from mimigenrec.io import (
+    BadInputError,
+    DataDir,
+    bad,
+    check_model_dir,
+    cli_errors,
+    fingerprint,
+    iter_records,
+    model_fingerprint,
+    read_json,
+    write_json,
+    write_jsonl,
+)
 from mimigenrec.metrics import DEFAULT_KS, aggregate, dedupe, markdown_table, rank_by_score
 from mimigenrec.sequences import UserSequences, load_sequences, splits_before
 
@@ -115,11 +135,11 @@ def row_key(r: Mapping) -> str:
 def load_eval_data(args: argparse.Namespace) -> EvalData:
     dd = DataDir(args.data_dir)
     if not dd.items.is_file():
-        raise BadInputError(f"{dd.items}: missing (is --data_dir a preprocessed dataset dir?)")
+        raise bad(dd.items, "missing", "give --data_dir the folder that `python -m preprocess` wrote")
     items = dd.load_items()
     all_rows, seqs = load_sequences(dd.root)
     if args.split not in all_rows:
-        raise BadInputError(f"{dd.inter(args.split)}: missing")
+        raise bad(dd.inter(args.split), "missing", "re-run the source stage of preprocess")
     universe = seqs.all_items()
     unknown = [i for i in universe if i not in items]
     if unknown:
@@ -136,14 +156,26 @@ def load_eval_data(args: argparse.Namespace) -> EvalData:
                                   exclude=seqs.seqs, fallback_dir=args.output_dir)
         by_key = {row_key(r): c for r, c in zip(all_rows[args.split], every)}
         data.candidates = [by_key[row_key(r)] for r in rows]
-    use_caps = args.captions == "on" or (args.captions == "auto" and dd.captions.is_file())
-    if use_caps:
-        data.captions = {int(o["item_id"]): o["caption"] for _, o in iter_records(dd.captions, strict=True)}
+    if uses_captions(args):
+        if not dd.captions.is_file():
+            raise bad(dd.captions, "missing (--captions on)", "run the caption stage, or use --captions auto")
+        data.captions = dd.load_captions(items)
     if args.task != "cand_rank" and any(not m.startswith("baseline:") for m in args.methods):
         if not dd.id2sid.is_file():
-            raise BadInputError(f"{dd.id2sid}: missing; full ranking with a model needs the semantic IDs")
+            raise bad(dd.id2sid, "missing: full ranking with a model needs the semantic IDs", "run the sid stage")
         data.id2sid = dd.load_id2sid()
     return data
+
+
+def uses_captions(args: argparse.Namespace) -> bool:
+    return args.captions == "on" or (args.captions == "auto" and DataDir(args.data_dir).captions.is_file())
+
+
+def data_files(args: argparse.Namespace) -> list[Path]:
+    """The files of ``--data_dir`` whose content decides every prediction of this run."""
+    dd = DataDir(args.data_dir)
+    files = [dd.items, *(dd.inter(s) for s in ("train", "valid", "test")), dd.id2sid]
+    return files + ([dd.captions] if uses_captions(args) else [])
 
 
 # ----------------------------------------------------------------------------- methods
@@ -207,7 +239,7 @@ class ModelRanker(Ranker):
         from mimigenrec.trie import ItemTrie
 
         self.name, self.path, self.data, self.args, self.device = name, path, data, args, device
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(check_model_dir(path))
         tok.padding_side = "left"
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -223,8 +255,11 @@ class ModelRanker(Ranker):
         else:
             missing = [i for i in data.universe if i not in data.id2sid]
             if missing:
-                raise BadInputError(f"{DataDir(data.data_dir).id2sid}: no SID for items {missing[:5]}")
+                raise bad(DataDir(data.data_dir).id2sid, f"no SID for items {missing[:5]}", "re-run the sid stage")
             sids = {i: data.id2sid[i] for i in data.universe}
+            from mimigenrec.launch import check_sid_tokens
+
+            check_sid_tokens(tok.get_vocab(), sorted({t for s in sids.values() for t in s}), path, data.data_dir)
             self.trie = ItemTrie.from_id2sid(sids, tok)
             self.answer_of = {prompts.sid_string(s): i for i, s in sids.items()}
             self.unit_re = re.compile(r"(?:" + prompts.SID_TOKEN_RE.pattern + r")+")
@@ -297,9 +332,9 @@ def method_names(args: argparse.Namespace) -> list[tuple[str, str]]:
     out += [(b, f"baseline:{b}") for b in baselines]
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
-        raise SystemExit(f"error: duplicate method names {names}; name models with --model NAME=PATH")
+        raise bad("--model", f"duplicate method names {names}", "name models with --model NAME=PATH")
     if not out:
-        raise SystemExit("error: nothing to evaluate: give --model PATH and/or --baseline NAME")
+        raise bad("evaluate", "nothing to evaluate", "give --model PATH and/or --baseline NAME")
     return out
 
 
@@ -329,11 +364,12 @@ def build_ranker(name: str, spec: str, data: EvalData, args: argparse.Namespace,
         caches = [data.data_dir / "baselines", Path(args.output_dir) / "baselines"]
         if not os.access(data.data_dir, os.W_OK):
             caches = caches[1:]
+        seqs, stop_rows, stop = sasrec_stopping(data)
 
         def make():
-            return SASRecScorer.load_or_train(data.data_dir, caches, data.seqs, data.num_item_ids, data.universe,
-                                              data.all_rows.get("valid", []), cfg, device=device, name=name,
-                                              progress=dist.rank == 0)
+            return SASRecScorer.load_or_train(data.data_dir, caches, seqs, data.num_item_ids, data.universe,
+                                              stop_rows, cfg, device=device, name=name, progress=dist.rank == 0,
+                                              stopping=stop)
         if dist.world > 1:  # rank 0 trains and caches; the others load the checkpoint
             scorer = make() if dist.rank == 0 else None
             dist.barrier()
@@ -341,7 +377,19 @@ def build_ranker(name: str, spec: str, data: EvalData, args: argparse.Namespace,
         else:
             scorer = make()
         return ScoreRanker(name, scorer, data, args.num_beams)
-    raise SystemExit(f"error: unknown baseline {what!r}; choose from {BASELINE_NAMES}")
+    raise bad("--baseline", f"unknown baseline {what!r}", f"choose from {', '.join(BASELINE_NAMES)}")
+
+
+def sasrec_stopping(data: EvalData) -> tuple[UserSequences, list[dict], str]:
+    """``(sequences to train on, early-stopping rows, protocol name)`` for SASRec.
+
+    Scoring test: stop on the valid rows. Scoring valid: stop on each user's last train row, held
+    out from training, so the model is never selected on the rows it is scored on.
+    """
+    if data.split != "valid":
+        return data.seqs, data.all_rows.get("valid", []), "valid rows"
+    seqs, rows = data.seqs.hold_out_last("train", as_split="stop")
+    return seqs, rows, "each user's last train row (held out; the valid split is scored)"
 
 
 # ----------------------------------------------------------------------------- files
@@ -382,31 +430,70 @@ def open_shard(path: Path):
 RESUME_KEYS = ("data_dir", "split", "task", "num_beams", "num_negatives", "seed", "think", "max_new_tokens", "captions")
 
 
+def method_records(args: argparse.Namespace, methods: list[tuple[str, str]]) -> dict[str, dict]:
+    """Per method: its ``source`` and ``config`` (what the user chose; a change is refused) and its
+    ``inputs`` fingerprint (the data files, a model's weights; a change makes its predictions stale)."""
+    data_fp = fingerprint(data_files(args))
+    sas = {k: v for k, v in sorted(vars(args).items()) if k.startswith("sasrec_")}
+    out = {}
+    for name, spec in methods:
+        kind, _, what = spec.partition(":")
+        if kind == "model":
+            path = check_model_dir(what).resolve()
+            inputs = fingerprint([], [data_fp, model_fingerprint(path)])
+            rec = {"source": f"model:{path}", "config": None, "inputs": inputs}
+        else:
+            rec = {"source": spec, "config": sas if what.startswith("sasrec") else None, "inputs": data_fp}
+        out[name] = rec
+    return out
+
+
+def _has_predictions(out: Path, name: str) -> bool:
+    return pred_path(out, name).is_file() or bool(shard_paths(out, name))
+
+
+def _discard(out: Path, name: str) -> None:
+    for p in [pred_path(out, name), *shard_paths(out, name)]:
+        p.unlink(missing_ok=True)
+
+
 def check_run_config(args: argparse.Namespace, out: Path, methods: list[tuple[str, str]], dist: Dist) -> None:
-    """Refuse to mix predictions made under other settings into this run's files (resume safety)."""
+    """Decide what of ``out`` may be reused, then record this run (see the module docstring)."""
     path = out / "run_config.json"
     now = {k: getattr(args, k) for k in RESUME_KEYS}
     now["data_dir"] = str(Path(args.data_dir).resolve())
-    sas = {k: v for k, v in sorted(vars(args).items()) if k.startswith("sasrec_")}
-    # a method's record: its source, plus the training settings for SASRec
-    records = {n: f"{s} {json.dumps(sas)}" if s.startswith("baseline:sasrec") else s for n, s in methods}
+    records = method_records(args, methods)
+    old = read_json(path) if path.is_file() else {}
+    old_methods = old.get("methods", {}) if isinstance(old, dict) else {}
+    held = [n for n in old_methods if _has_predictions(out, n)] + [n for n in records if _has_predictions(out, n)]
     if args.overwrite:
+        held = []
         if dist.rank == 0:
-            for name, _ in methods:
-                for p in [pred_path(out, name), *shard_paths(out, name)]:
-                    p.unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
-        dist.barrier()
-    old = read_json(path) if path.is_file() else None
-    if old is not None:
-        diff = {k: (old["settings"].get(k), now[k]) for k in RESUME_KEYS if old["settings"].get(k) != now[k]}
-        clash = {n: (old["methods"][n], r) for n, r in records.items() if old["methods"].get(n, r) != r}
-        if diff or clash:
-            raise SystemExit(f"error: {out} holds predictions made with other settings {diff or clash}; "
-                             f"use another --output_dir or --overwrite")
-    merged = {"settings": now, "methods": {**(old or {}).get("methods", {}), **records}}
+            for name in {*records, *old_methods}:
+                _discard(out, name)
+    clash = {}
+    if held and old.get("settings") != now:
+        clash = {k: (old.get("settings", {}).get(k), now[k]) for k in RESUME_KEYS
+                 if old.get("settings", {}).get(k) != now[k]}
+    stale = []
+    for name, rec in records.items():
+        was = old_methods.get(name)
+        if name not in held:
+            continue
+        if not isinstance(was, dict) or was.get("inputs") != rec["inputs"]:  # no record: provenance unknown
+            stale.append(name)
+        elif (was.get("source"), was.get("config")) != (rec["source"], rec["config"]):
+            clash[name] = (was.get("source"), rec["source"]) if was.get("source") != rec["source"] else "config"
+    if clash:
+        raise bad(out, f"holds predictions made with other settings {clash}",
+                  "use another --output_dir, or --overwrite to discard them")
     if dist.rank == 0:
-        write_json(path, merged)
+        for name in stale:
+            print(f"[evaluate] {name}: {out} holds predictions of other inputs (the model's weights or the data "
+                  "changed since): predicting again", file=sys.stderr)
+            _discard(out, name)
+        write_json(path, {"settings": now, "methods": {**old_methods, **records}})
+    dist.barrier()
 
 
 # ----------------------------------------------------------------------------- running
@@ -474,14 +561,18 @@ def pick_device(arg: str, dist: Dist) -> str:
     return "cpu"
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's layout and shows every option's default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mimigenrec.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=_HelpFormatter)
     a = p.add_argument
     a("--data_dir", required=True, help="preprocessed dataset dir (items.jsonl, inter/, id2sid.json)")
-    a("--split", default="test", choices=("valid", "test"), help="rows to evaluate (default: test)")
+    a("--split", default="test", choices=("valid", "test"), help="rows to evaluate")
     a("--model", action="append", metavar="[NAME=]PATH",
-      help="model checkpoint dir (repeatable); NAME labels its table row (default: the folder name)")
+      help="model checkpoint dir (repeatable); NAME labels its table row (unset: the folder name)")
     a("--baseline", action="append", choices=BASELINE_NAMES,
       help="baseline to evaluate (repeatable); with --model and no --baseline, popularity and sasrec are added")
     a("--no_baselines", action="store_true", help="with --model, evaluate only the models")
@@ -512,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sasrec_epochs", type=int, default=200, help="max epochs (exact count with --sasrec_patience 0)")
     s.add_argument("--sasrec_patience", type=int, default=None,
                    help="stop after this many epochs without a better valid NDCG@10 (0 = fixed epochs; "
-                        "default 10 for the CE loss, 40 for BCE, which improves slowly)")
+                        "unset: 10 for the CE loss, 40 for BCE, which improves slowly)")
     s.add_argument("--sasrec_hidden", type=int, default=64, help="embedding / hidden size d")
     s.add_argument("--sasrec_blocks", type=int, default=2, help="self-attention blocks")
     s.add_argument("--sasrec_heads", type=int, default=1, help="attention heads")
@@ -523,17 +614,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def parse_ks(args: argparse.Namespace) -> list[int]:
+    """``--ks`` as sorted positive cut-offs, checked against ``--num_beams``."""
     try:
         ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
     except ValueError:
-        raise SystemExit(f"error: --ks must be comma-separated integers, got {args.ks!r}") from None
+        raise bad("--ks", f"expected comma-separated integers, got {args.ks!r}", "e.g. --ks 1,5,10") from None
     if not ks or ks[0] < 1:
-        raise SystemExit("error: --ks needs positive integers")
+        raise bad("--ks", "needs positive integers", "e.g. --ks 1,5,10")
     if args.task != "cand_rank" and args.num_beams < ks[-1]:
-        raise SystemExit(f"error: --num_beams {args.num_beams} < largest K {ks[-1]}: "
-                         "ranks beyond the beams are unknown")
+        raise bad("--num_beams", f"{args.num_beams} < largest K {ks[-1]}: ranks beyond the beams are unknown",
+                  f"use --num_beams {ks[-1]} or more, or smaller --ks")
+    return ks
+
+
+def write_metrics(args: argparse.Namespace, data: EvalData, out: Path, ks: list[int], methods: list[tuple[str, str]],
+                  described: dict[str, dict], dist: Dist) -> None:
+    """Rank 0: merge and score every method of this run; metrics.json and the table hold exactly these."""
+    metrics = {name: merge_and_score(name, data, out, ks) for name, _ in methods}
+    meta = {
+        "data_dir": str(Path(args.data_dir).resolve()), "split": args.split, "task": args.task,
+        "ks": ks, "num_beams": args.num_beams,
+        "num_negatives": args.num_negatives if args.task == "cand_rank" else None,
+        "seed": args.seed, "max_rows": args.max_rows, "n_rows": len(data.rows),
+        "n_ranked_items": len(data.universe), "world_size": dist.world, "think": args.think,
+        "protocol": "NDCG@K = 1/log2(rank+2) for the 0-based rank of the target if < K; HR@K = target in top K; "
+                    "history items not excluded; full ranking over every item appearing in interactions",
+        "methods": described,
+    }
+    write_json(out / "metrics.json", {**metrics, "_meta": meta})
+    print(f"\n{args.split} / {args.task}: {len(data.rows)} rows, "
+          f"{len(data.universe) if args.task != 'cand_rank' else args.num_negatives + 1} items ranked\n")
+    print(markdown_table(metrics, ks))
+    print(f"\nwrote {out / 'metrics.json'}")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Run the evaluation described by ``args`` (see the module docstring)."""
+    ks = parse_ks(args)
     methods = method_names(args)
     args.methods = [s for _, s in methods]
     out = Path(args.output_dir)
@@ -545,45 +663,24 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device, dist)
         if args.task == "cand_rank":
             args.num_beams = max(args.num_beams, 1)
-        timing: dict[str, dict] = {}
         described: dict[str, dict] = {}
         for name, spec in methods:
             ranker = build_ranker(name, spec, data, args, dist, device)
-            timing[name] = run_method(ranker, data, args, out, dist)
-            described[name] = ranker.describe()
+            timing = run_method(ranker, data, args, out, dist)
+            described[name] = {**ranker.describe(), **timing}
             del ranker
         dist.barrier()
         if dist.rank == 0:
-            mpath = out / "metrics.json"
-            metrics = read_json(mpath) if mpath.is_file() else {}
-            meta = metrics.get("_meta", {})
-            for name, _ in methods:
-                metrics[name] = merge_and_score(name, data, out, ks)
-            meta.update({
-                "data_dir": str(Path(args.data_dir).resolve()), "split": args.split, "task": args.task,
-                "ks": ks, "num_beams": args.num_beams,
-                "num_negatives": args.num_negatives if args.task == "cand_rank" else None,
-                "seed": args.seed, "max_rows": args.max_rows, "n_rows": len(data.rows),
-                "n_ranked_items": len(data.universe),
-                "world_size": dist.world, "think": args.think,
-                "protocol": "NDCG@K = 1/log2(rank+2) for the 0-based rank of the target if < K; "
-                            "HR@K = target in top K; "
-                            "history items not excluded; full ranking over every item appearing in interactions",
-            })
-            meta.setdefault("methods", {}).update({n: {**described[n], **timing[n]} for n, _ in methods})
-            ordered = {n: metrics[n] for n in metrics if n != "_meta"}
-            write_json(out / "metrics.json", {**ordered, "_meta": meta})
-            print(f"\n{args.split} / {args.task}: {len(data.rows)} rows, "
-                  f"{len(data.universe) if args.task != 'cand_rank' else args.num_negatives + 1} items ranked\n")
-            print(markdown_table(ordered, ks))
-            print(f"\nwrote {out / 'metrics.json'}")
+            write_metrics(args, data, out, ks, methods, described, dist)
         dist.barrier()
-    except BadInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         dist.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return cli_errors(lambda: evaluate(args))
 
 
 if __name__ == "__main__":

@@ -265,6 +265,20 @@ def check_model_dir(path: str | os.PathLike, role: str = "model") -> Path:
     return p
 
 
+def check_model_spec(spec: str, role: str = "model") -> str:
+    """A local model folder (checked by :func:`check_model_dir`) or a hub id that can load: in the
+    Hugging Face cache, or any id while the hub is reachable (``HF_HUB_OFFLINE`` unset)."""
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if Path(spec).exists() or not looks_like_hub_id:
+        return str(check_model_dir(spec, role))
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec, "config.json"), str) or os.environ.get("HF_HUB_OFFLINE") != "1":
+        return spec
+    raise bad(spec, f"{role} is neither a local folder nor a model in the Hugging Face cache (HF_HUB_OFFLINE=1)",
+              "give a local model folder (relative to the directory you run from)")
+
+
 SPLITS = ("train", "valid", "test")
 
 

@@ -7,6 +7,7 @@ mentions it (else :class:`~mimigenrec.io.BadInputError` names the file and line)
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Iterator, Mapping, Sequence
 
@@ -97,6 +98,17 @@ class UserSequences:
             flags = [self.split_of.get((u, p)) in splits for p in range(last + 1)]
             out[u] = (self.seqs[u][: last + 1], flags)
         return out
+
+    def hold_out_last(self, split: str, as_split: str) -> tuple["UserSequences", list[dict]]:
+        """A copy where each user's last ``split`` target belongs to ``as_split`` instead, and those rows
+        (``user_id``, ``position``, ``target``): an inner validation set carved out of ``split``."""
+        new = copy.copy(self)
+        new.split_of = dict(self.split_of)
+        rows = []
+        for u, p in sorted(self.cut((split,)).items()):
+            new.split_of[(u, p)] = as_split
+            rows.append({"user_id": u, "position": p, "target": self.seqs[u][p]})
+        return new, rows
 
     def all_items(self) -> list[int]:
         """Sorted ids of every item that appears in any interaction."""

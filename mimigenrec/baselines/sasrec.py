@@ -10,7 +10,8 @@ Loss: ``ce`` = full-softmax cross-entropy over every item at every training posi
 
 Data protocol: the model is trained on the train part of every user's sequence (each
 position whose item is a train-row target is a training target); early stopping watches
-NDCG@10 of the valid rows (input = everything before the valid target). When the test
+NDCG@10 of the valid rows (input = everything before the valid target), or of rows the caller
+holds out of training instead (the evaluation does so when it scores the valid split). When the test
 split is evaluated, the input is the user's whole sequence before the test target, so the
 valid item is history there but never a training target. The same checkpoint therefore
 serves both splits; it is cached under a hash of the data and the settings.
@@ -273,9 +274,12 @@ class SASRecScorer:
     @classmethod
     def load_or_train(cls, data_dir: str | os.PathLike, cache_dirs: Sequence[str | os.PathLike], seqs: UserSequences,
                       num_items: int, items: Sequence[int], valid_rows: Sequence[Mapping], cfg: SASRecConfig,
-                      device: str = "cpu", name: str = "sasrec", progress: bool = True) -> "SASRecScorer":
-        """Load the cached checkpoint for this data + config, or train and cache it (first writable dir)."""
-        key = hashlib.sha1(json.dumps([asdict(cfg), num_items, data_fingerprint(data_dir)]).encode()).hexdigest()[:12]
+                      device: str = "cpu", name: str = "sasrec", progress: bool = True,
+                      stopping: str = "valid rows") -> "SASRecScorer":
+        """Load the cached checkpoint for this data + config + early-stopping protocol (``stopping``
+        names which rows ``valid_rows`` are), or train and cache it (first writable dir)."""
+        key_parts = [asdict(cfg), num_items, data_fingerprint(data_dir)] + ([stopping] if stopping != "valid rows" else [])
+        key = hashlib.sha1(json.dumps(key_parts).encode()).hexdigest()[:12]
         fname = f"sasrec_{cfg.loss}_{key}.pt"
         for d in cache_dirs:
             p = Path(d) / fname
@@ -284,7 +288,8 @@ class SASRecScorer:
                 model = SASRec(num_items, SASRecConfig(**blob["config"]))
                 model.load_state_dict(blob["state_dict"])
                 model.to(device).eval()
-                return cls(model, seqs, name, {**blob["info"], "checkpoint": str(p), "cached": True})
+                return cls(model, seqs, name, {**blob["info"], "checkpoint": str(p), "cached": True,
+                                               "early_stopping_rows": stopping})
         model, info = train_sasrec(seqs, num_items, cfg, valid_rows, items, device=device, progress=progress)
         blob = {"config": asdict(cfg), "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "info": info}
         for d in cache_dirs:
@@ -298,4 +303,4 @@ class SASRecScorer:
                 break
             except OSError:
                 continue
-        return cls(model, seqs, name, {**info, "config": asdict(cfg), "cached": False})
+        return cls(model, seqs, name, {**info, "config": asdict(cfg), "cached": False, "early_stopping_rows": stopping})
