@@ -3,7 +3,8 @@
 #
 #   ./evaluate.sh --data_dir O --split test --model out/sft [--baseline popularity] --output_dir X [...]
 #
-# Every argument goes to `python -m mimigenrec.evaluate` (run `./evaluate.sh --help` for all).
+# Every argument goes to `python -m mimigenrec.evaluate` (run `./evaluate.sh --help` for all);
+# paths are relative to the directory you run it from.
 # Environment:
 #   NPROC        processes to shard rows over (default: visible GPUs, 1 without a GPU);
 #                > 1 launches torchrun --nproc_per_node NPROC
@@ -12,13 +13,13 @@
 #   PYTHON       interpreter (default: python after activation)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-cd "$ROOT"
 # shellcheck source=scripts/activate.sh
 source "$ROOT/scripts/activate.sh"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # importable from any directory, installed or not
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
 case " $* " in
   *" --help "*|*" -h "*)
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     echo
     exec "$PYTHON" -m mimigenrec.evaluate --help ;;
 esac

@@ -7,8 +7,15 @@ usage() {
 Usage: bash sft.sh CONFIG.yaml [key=value ...]
 
 Runs `llamafactory-cli ${SFT_CMD:-train} CONFIG.yaml add_tokens=<SID tokens> key=value ...` from the
-repository root (so relative paths in the YAML and in overrides are relative to the repo
-root; CONFIG.yaml itself may be given relative to the current directory).
+repository root. Paths: CONFIG.yaml and path overrides (output_dir, model_name_or_path,
+dataset_dir, deepspeed, ...) may be relative to the directory you run from; relative paths
+inside the YAML are relative to the repository root (the yamls `preprocess build` writes hold
+absolute paths).
+
+Before training it checks the config (model folder, registered datasets) and records the
+fingerprint of the run's inputs in output_dir/mimigenrec_inputs.json. With the build yamls
+(overwrite_output_dir: false) a re-run resumes from the last checkpoint, and is refused when
+the checkpoints were trained on other inputs (data, base model, tokens).
 
 add_tokens: read from the new_tokens.json of the preprocessed directory that the config's
 `dataset` (and `eval_dataset`) belong to, via `dataset_dir`/dataset_info.json
@@ -53,9 +60,10 @@ if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
 fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CALLER="$PWD"
 CONFIG="$1"; shift
 if [[ ! -f "$CONFIG" ]]; then
-  echo "sft.sh: config not found: $CONFIG" >&2
+  echo "error: $CONFIG: config file not found: check the path (relative to the directory you run from)" >&2
   exit 2
 fi
 CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
@@ -65,14 +73,17 @@ source "$ROOT/scripts/activate.sh"
 cd "$ROOT"
 
 ARGS=("$@")
+if [[ -n "${DEEPSPEED:-}" ]]; then
+  ARGS+=("deepspeed=$DEEPSPEED")
+fi
+# paths in the overrides are relative to the caller's directory: make them absolute once
+RESOLVED="$(python -m mimigenrec.launch resolve "$CALLER" "${ARGS[@]}")"
+eval "ARGS=($RESOLVED)"
 # YAML 1.2 booleans: keep no/yes/on/off/y/n strings (TrainingArguments rejects eval_strategy=False)
 for i in "${!ARGS[@]}"; do
   a="${ARGS[$i]}"; v="${a#*=}"
   if [[ "$a" == *=* && "${v,,}" =~ ^(yes|no|on|off|y|n)$ ]]; then ARGS[$i]="${a%%=*}='$v'"; fi
 done
-if [[ -n "${DEEPSPEED:-}" ]]; then
-  ARGS+=("deepspeed=$DEEPSPEED")
-fi
 
 # The SID tokens of the dataset(s); empty when the config or an override already sets add_tokens.
 TOKENS="$(python -m mimigenrec.sft_config add-tokens "$CONFIG" "${ARGS[@]}")"
@@ -89,6 +100,9 @@ if [[ "$SFT_CMD" == "train" && ( "$NPROC_PER_NODE" -gt 1 || "${NNODES:-1}" -gt 1
 fi
 
 CMD=(llamafactory-cli "$SFT_CMD" "$CONFIG" "${ARGS[@]}")
+if [[ "$SFT_CMD" == "train" && "${DRY_RUN:-0}" != "1" ]]; then
+  python -m mimigenrec.sft_config check "$CONFIG" "${ARGS[@]}"
+fi
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   printf '%q ' "${CMD[@]}"; echo
   exit 0

@@ -7,16 +7,19 @@ usage() {
 Usage: ./trl_trainer.sh CONFIG.yaml [key=value ...]
 
 Runs GRPO (mimigenrec.train_grpo: a TRL GRPOTrainer whose rollouts are trie-constrained valid
-items) under `accelerate launch`, from the repository root (relative paths in CONFIG and in the
-overrides are relative to the repository root; CONFIG itself may also be relative to the
-current directory). Activates .venv if the repository has one.
+items) under `accelerate launch`, from the repository root. Paths: CONFIG, ACCELERATE_CONFIG
+and path overrides (model_name_or_path, data_dir, output_dir, resume_from_checkpoint,
+rewards=[path/to/file.py:fn]) may be relative to the directory you run from; relative paths
+inside CONFIG are relative to the repository root. Before launching it checks the model folder,
+the RL data, the reward names and the model's SID tokens, and stops with one line naming the
+problem. Activates .venv if the repository has one.
 
   CONFIG        YAML config, e.g. examples/rl/tiny_sample.yaml, examples/rl/tiny_beam.yaml,
                 examples/rl/smollm2_sample.yaml. Any trl GRPOConfig field plus mimigenrec's own:
                 model_name_or_path, data_dir, train_split, eval_split, max_train_rows, rewards,
                 reward_weights, retrieval_top_k, rollout_mode (sample|beam), constrained,
                 use_lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
-                lora_modules_to_save, eval_every_steps, eval_rows, eval_num_beams.
+                lora_modules_to_save, eval_every_steps, eval_rows, eval_num_beams, eval_k, select_best.
                 `python -m mimigenrec.train_grpo --help` describes each.
   key=value     override a config field; the value is parsed as YAML
                 (max_steps=3, rewards=[rule,format], reward_weights=[1.0,0.2], use_lora=true,
@@ -50,24 +53,30 @@ if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
 fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CALLER="$PWD"
 CONFIG="$1"
 shift
-if [[ -f "$CONFIG" ]]; then
-  CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
-fi
-cd "$ROOT"
 if [[ ! -f "$CONFIG" ]]; then
-  echo "trl_trainer.sh: config not found: $1" >&2
+  echo "error: $CONFIG: config file not found: check the path (relative to the directory you run from)" >&2
+  exit 2
+fi
+CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
+ACCEL_CFG="${ACCELERATE_CONFIG:-$ROOT/examples/accelerate/cpu.yaml}"
+[[ "$ACCEL_CFG" == /* || ! -f "$ACCEL_CFG" ]] || ACCEL_CFG="$CALLER/$ACCEL_CFG"
+cd "$ROOT"
+if [[ ! -f "$ACCEL_CFG" ]]; then
+  echo "error: $ACCEL_CFG: accelerate config not found: see examples/accelerate/" >&2
   exit 2
 fi
 # shellcheck source=scripts/activate.sh
 source "$ROOT/scripts/activate.sh"
+PY="${PYTHON:-python}"
 
-ACCEL_CFG="${ACCELERATE_CONFIG:-examples/accelerate/cpu.yaml}"
-if [[ ! -f "$ACCEL_CFG" ]]; then
-  echo "trl_trainer.sh: accelerate config not found: $ACCEL_CFG" >&2
-  exit 2
-fi
+# paths in the overrides are relative to the caller's directory: make them absolute once
+RESOLVED="$("$PY" -m mimigenrec.launch resolve "$CALLER" "$@")"
+eval "set -- $RESOLVED"
+# one clear line instead of tracebacks from every accelerate process
+"$PY" -m mimigenrec.launch check-rl "$CONFIG" "$@"
 launch=(--config_file "$ACCEL_CFG")
 [[ -n "${NUM_PROCESSES:-}" ]] && launch+=(--num_processes "$NUM_PROCESSES")
 [[ -n "${NUM_MACHINES:-}" ]] && launch+=(--num_machines "$NUM_MACHINES")
@@ -79,5 +88,5 @@ export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 if command -v accelerate >/dev/null 2>&1; then
   exec accelerate launch "${launch[@]}" -m mimigenrec.train_grpo "$CONFIG" "$@"
 else
-  exec "${PYTHON:-python}" -m accelerate.commands.launch "${launch[@]}" -m mimigenrec.train_grpo "$CONFIG" "$@"
+  exec "$PY" -m accelerate.commands.launch "${launch[@]}" -m mimigenrec.train_grpo "$CONFIG" "$@"
 fi

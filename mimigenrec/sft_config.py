@@ -4,6 +4,10 @@
 comma-separated SID tokens of the config's dataset(s) (what ``sft.sh`` passes as
 ``add_tokens=...``), or nothing when the config already sets ``add_tokens``;
 ``python -m mimigenrec.sft_config get CONFIG.yaml KEY [key=value ...]`` prints one setting;
+``python -m mimigenrec.sft_config check CONFIG.yaml [key=value ...]`` checks a training config before
+``llamafactory-cli`` starts (the model folder, the datasets) and records the fingerprint of its inputs
+in ``output_dir/mimigenrec_inputs.json``: checkpoints there are resumed only when they were trained on
+the same inputs (run by ``sft.sh``);
 ``python -m mimigenrec.sft_config untie-merged DIR`` fixes a merged LoRA model of a tied-embedding
 backbone (run by ``SFT_CMD=export bash sft.sh``).
 """
@@ -18,15 +22,16 @@ from typing import Any, Iterable
 import yaml
 
 from mimigenrec import yaml_config
+from mimigenrec.io import BadInputError, check_model_spec, cli_errors, file_digest, model_fingerprint, write_json
 
 
-class SFTConfigError(ValueError):
+class SFTConfigError(BadInputError):
     """A dataset registry, token file or config is missing or malformed; the message names it."""
 
 
 def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
-        raise SFTConfigError(f"{what} not found: {path}")
+        raise SFTConfigError(f"{path}: {what} not found: check the path, or run the preprocess stage that writes it")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -38,6 +43,21 @@ def _split_names(dataset: str | Iterable[str]) -> list[str]:
     return [n.strip() for n in names if n and n.strip()]
 
 
+def dataset_file(dataset_dir: str | Path, dataset: str) -> Path:
+    """The data file ``dataset_dir/dataset_info.json`` registers under the name ``dataset``."""
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    info = _read_json(info_path, "dataset registry")
+    if dataset not in info:
+        known = ", ".join(sorted(info)) or "(none)"
+        raise SFTConfigError(f"{info_path}: no dataset named {dataset!r}; registered: {known}: set dataset_dir to "
+                             "the preprocessed folder O (its own dataset_info.json), or build with --dataset_dir")
+    entry = info[dataset]
+    if not isinstance(entry, dict) or "file_name" not in entry:
+        raise SFTConfigError(f"{info_path}: dataset {dataset!r} has no 'file_name'")
+    data_file = Path(entry["file_name"])
+    return data_file if data_file.is_absolute() else Path(dataset_dir) / data_file
+
+
 def new_tokens_path(dataset_dir: str | Path, dataset: str) -> Path:
     """The ``new_tokens.json`` of the preprocessed directory ``O`` a registered dataset comes from.
 
@@ -45,20 +65,11 @@ def new_tokens_path(dataset_dir: str | Path, dataset: str) -> Path:
     ``dataset_dir`` unless absolute), so the tokens are in ``O/new_tokens.json``.
     """
     info_path = Path(dataset_dir) / "dataset_info.json"
-    info = _read_json(info_path, "dataset registry")
-    if dataset not in info:
-        known = ", ".join(sorted(info)) or "(none)"
-        raise SFTConfigError(f"{info_path}: no dataset named {dataset!r}; registered: {known}")
-    entry = info[dataset]
-    if not isinstance(entry, dict) or "file_name" not in entry:
-        raise SFTConfigError(f"{info_path}: dataset {dataset!r} has no 'file_name'")
-    data_file = Path(entry["file_name"])
-    if not data_file.is_absolute():
-        data_file = Path(dataset_dir) / data_file
+    data_file = dataset_file(dataset_dir, dataset)
     if data_file.parent.name != "sft":
         raise SFTConfigError(
-            f"{info_path}: dataset {dataset!r} file_name {entry['file_name']!r} is not under a "
-            "preprocessed directory's sft/ folder, so its new_tokens.json cannot be located"
+            f"{info_path}: dataset {dataset!r} file {data_file} is not under a preprocessed directory's "
+            "sft/ folder, so its new_tokens.json cannot be located: set add_tokens yourself"
         )
     return data_file.parent.parent / "new_tokens.json"
 
@@ -117,6 +128,51 @@ def add_tokens_for_config(cfg: dict) -> str | None:
     if not names:
         return None
     return ",".join(sid_tokens_for_dataset(str(cfg.get("dataset_dir", "data")), ",".join(names)))
+
+
+INPUTS_FILE = "mimigenrec_inputs.json"
+
+
+def sft_inputs(cfg: dict) -> dict[str, Any]:
+    """What a training run learns from, by content: dataset files, base model, added tokens, method."""
+    names = _split_names(cfg.get("dataset") or "") + _split_names(cfg.get("eval_dataset") or "")
+    files = [dataset_file(str(cfg.get("dataset_dir", "data")), n) for n in names]
+    for f in files:
+        if not f.is_file():
+            raise SFTConfigError(f"{f}: registered dataset file missing: run `python -m preprocess build` for it")
+    model = check_model_spec(str(cfg.get("model_name_or_path") or ""), "model_name_or_path")
+    if Path(model).is_dir():
+        model = model_fingerprint(model)
+    return {"datasets": {n: file_digest(f) for n, f in zip(names, files)}, "model": model,
+            "add_tokens": str(cfg.get("add_tokens") or ""), "finetuning_type": cfg.get("finetuning_type", "lora")}
+
+
+def check_resume(cfg: dict) -> Path | None:
+    """Refuse to resume checkpoints in ``output_dir`` that other inputs trained; record this run's inputs.
+
+    LLaMA-Factory resumes from the last ``checkpoint-*`` unless ``overwrite_output_dir``; that is only
+    right when the data, the base model and the tokens are the ones the checkpoints were trained on.
+    Returns the record's path (None without ``output_dir``).
+    """
+    now = sft_inputs(cfg)
+    if not cfg.get("output_dir"):
+        return None
+    out = Path(cfg["output_dir"])
+    record = out / INPUTS_FILE
+    resuming = any(out.glob("checkpoint-*")) and not cfg.get("overwrite_output_dir")
+    if resuming and record.is_file():
+        old = _read_json(record, "inputs record")
+        changed = [k for k in now if old.get(k) != now[k]]
+        if changed:
+            raise SFTConfigError(f"{out}: holds checkpoints trained on other inputs ({', '.join(changed)} changed), "
+                                 "so resuming would mix two runs: use another output_dir, or "
+                                 "overwrite_output_dir=true to start again from step 0")
+    elif resuming:
+        print(f"sft_config: {out}: checkpoints without an inputs record (not started by sft.sh?): resuming "
+              "without checking what they were trained on", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(record, now)
+    return record
 
 
 def lf_encode_row(tokenizer: Any, row: dict, template: str | None = None) -> tuple[list[int], list[int]]:
@@ -183,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("config", help="LLaMA-Factory YAML")
     g.add_argument("key", help="the key to print")
     g.add_argument("overrides", nargs="*", help="key=value overrides applied on top of the YAML")
+    c = sub.add_parser("check", help="check a training config and record its inputs (refuses a mixed resume)")
+    c.add_argument("config", help="LLaMA-Factory YAML")
+    c.add_argument("overrides", nargs="*", help="key=value overrides applied on top of the YAML")
     u = sub.add_parser("untie-merged", help="after a LoRA merge, untie a separately trained lm_head (see docs)")
     u.add_argument("model_dir", help="the merged model directory (export_dir)")
     args = p.parse_args(argv)
@@ -191,13 +250,17 @@ def main(argv: list[str] | None = None) -> None:
             print(f"sft_config: {args.model_dir}: lm_head was trained apart from embed_tokens; "
                   "set tie_word_embeddings=false", file=sys.stderr)
         return
-    try:
+    def run() -> None:
         cfg = load_yaml_with_overrides(args.config, args.overrides)
+        if args.cmd == "check":
+            check_resume(cfg)
+            return
         value = add_tokens_for_config(cfg) if args.cmd == "add-tokens" else cfg.get(args.key)
-    except SFTConfigError as e:
-        print(f"sft_config: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print("" if value is None else value)
+        print("" if value is None else value)
+
+    rc = cli_errors(run)
+    if rc:
+        raise SystemExit(rc)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,14 @@ def read_yaml_mapping(path: str | Path, error: type[Exception] = ValueError) -> 
     """A YAML file whose top level is a mapping; ``error`` names the file on any problem."""
     p = Path(path)
     if not p.is_file():
-        raise error(f"config file not found: {p}")
+        raise error(f"{p}: config file not found: check the path")
     try:
         cfg = load_yaml(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise error(f"{p}: not valid YAML ({e})") from None
+        raise error(f"{p}: not valid YAML ({' '.join(str(e).split())}): fix the line it names") from None
     if not isinstance(cfg, dict):
-        raise error(f"{p}: expected a mapping at the top level, got {type(cfg).__name__}")
+        raise error(f"{p}: expected a mapping (key: value lines) at the top level, got {type(cfg).__name__}: "
+                    "write one setting per line")
     return cfg
 
 
@@ -47,7 +48,7 @@ def parse_override(item: str, error: type[Exception] = ValueError) -> tuple[str,
     key, sep, raw = item.partition("=")
     key = key.strip().lstrip("-")
     if not sep or not key:
-        raise error(f"override {item!r} is not of the form key=value")
+        raise error(f"override {item!r}: not of the form key=value: write e.g. max_steps=3")
     try:
         value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
