@@ -8,8 +8,8 @@ each ``{"type": "image"}`` part of a conversation takes the next image of that c
 - :class:`HFCausalLM`  local ``AutoModelForCausalLM`` (a directory, or a ``.gguf`` file); also
   scores continuations (:meth:`HFCausalLM.continuation_logprobs`) for the likelihood judge.
 - :class:`HFVisionLM`  local ``AutoModelForImageTextToText`` + ``AutoProcessor`` (e.g. Qwen2-VL).
-- :class:`OpenAIChatBackend`  ``POST {base_url}/chat/completions`` with the standard library only;
-  images as base64 data URLs; retries with exponential backoff and a per-request timeout.
+- :class:`OpenAIChatBackend`  ``{base_url}/chat/completions`` through the official ``openai`` client
+  (its retries with exponential backoff and its per-request timeout); images as base64 data URLs.
 """
 from __future__ import annotations
 
@@ -17,17 +17,15 @@ import argparse
 import base64
 import io
 import ipaddress
-import json
 import os
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mimigenrec.io import bad, check_model_dir
 
 Messages = list[dict[str, Any]]
 
@@ -97,36 +95,25 @@ def _is_loopback(url: str) -> bool:
 class OpenAIChatBackend(Backend):
     """Any OpenAI-compatible ``/chat/completions`` endpoint (llama.cpp server, vLLM, OpenAI, ...).
 
-    Retries on connection errors, timeouts, HTTP 408/409/425/429/5xx and malformed answers,
-    sleeping ``backoff * 2**attempt`` seconds (capped at 30) between tries; other 4xx fail at once.
+    The ``openai`` client retries connection errors, timeouts and HTTP 408/409/429/5xx ``retries``
+    times with exponential backoff (honouring ``Retry-After``); other errors fail at once. An
+    endpoint that cannot be reached before it ever answered is an error naming ``base_url``.
     """
 
-    RETRY_STATUS = {408, 409, 425, 429}
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 60.0,
+                 retries: int = 3, concurrency: int = 1, image_format: str = "PNG"):
+        import openai
 
-    def __init__(
-        self,
-        base_url: str,
-        model: str,
-        *,
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        retries: int = 3,
-        backoff: float = 1.0,
-        concurrency: int = 1,
-        image_format: str = "PNG",
-        sleep: Callable[[float], None] = time.sleep,
-    ):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.retries, self.backoff, self.concurrency = max(0, retries), backoff, max(1, concurrency)
-        self.image_format, self._sleep = image_format, sleep
+        self.base_url, self.model, self.retries = base_url, model, max(0, retries)
+        self.concurrency, self.image_format = max(1, concurrency), image_format
         self.name = f"http:{model}"
-        # Never send loopback traffic through an environment proxy.
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.url) else []
-        self._opener = urllib.request.build_opener(*handlers)
+        # never send loopback traffic through an environment proxy
+        http = openai.DefaultHttpx2Client(trust_env=False) if _is_loopback(base_url) else None
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "unused", timeout=timeout,
+                                    max_retries=self.retries, http_client=http)
+        self._answered = False
 
-    def _payload(self, conversation: Messages, images: Sequence[Any], max_new_tokens: int,
-                 temperature: float, seed: int) -> dict:
+    def _messages(self, conversation: Messages, images: Sequence[Any]) -> list[dict]:
         pending = list(images)
         messages = []
         for m in conversation:
@@ -145,46 +132,33 @@ class OpenAIChatBackend(Backend):
             messages.append({"role": m["role"], "content": content})
         if pending:
             raise ValueError("more images than image placeholders")
-        return {"model": self.model, "messages": messages, "max_tokens": max_new_tokens,
-                "temperature": temperature, "seed": seed, "stream": False}
-
-    def _post_once(self, body: bytes) -> tuple[str | None, str | None, bool]:
-        """-> (text, error, retryable)."""
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = e.read()[:200].decode("utf-8", "replace") if e.fp else ""
-            return None, f"HTTP {e.code}: {detail}".strip(), e.code >= 500 or e.code in self.RETRY_STATUS
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            return None, f"{type(e).__name__}: {getattr(e, 'reason', e)}", True
-        try:
-            text = json.loads(raw)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            return None, f"malformed response: {raw[:200]!r}", True
-        if not isinstance(text, str):
-            return None, f"malformed response: content is {type(text).__name__}", True
-        return text, None, False
+        return messages
 
     def _one(self, args: tuple) -> Reply:
+        import openai
+
+        conversation, images, max_new_tokens, temperature, seed = args
         try:
-            body = json.dumps(self._payload(*args)).encode("utf-8")
+            messages = self._messages(conversation, images)
         except ValueError as e:
             return Reply(error=str(e))
-        error = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self._sleep(min(30.0, self.backoff * 2 ** (attempt - 1)))
-            text, error, retryable = self._post_once(body)
-            if error is None:
-                return Reply(text=text)
-            if not retryable:
-                break
-        return Reply(error=f"{error} (after {attempt + 1} attempt(s))")
+        try:
+            resp = self.client.chat.completions.create(model=self.model, messages=messages, max_tokens=max_new_tokens,
+                                                       temperature=temperature, seed=seed, stream=False)
+        except openai.APIStatusError as e:
+            retried = e.status_code >= 500 or e.status_code in (408, 409, 429)
+            detail = " ".join(str(e.response.text)[:200].split())
+            return Reply(error=f"HTTP {e.status_code}: {detail} (after {self.retries + 1 if retried else 1} attempt(s))")
+        except openai.APIConnectionError as e:  # APITimeoutError included
+            if not self._answered and not isinstance(e, openai.APITimeoutError):
+                raise bad(self.base_url, f"cannot reach the endpoint ({e})",
+                          "start the server, or fix --base_url (e.g. http://127.0.0.1:8000/v1)") from None
+            return Reply(error=f"{type(e).__name__}: {e} (after {self.retries + 1} attempt(s))")
+        self._answered = True
+        text = resp.choices[0].message.content if resp.choices else None
+        if not isinstance(text, str):
+            return Reply(error=f"malformed response: no message content in {str(resp)[:200]}")
+        return Reply(text=text)
 
     def chat(self, conversations, *, images=None, max_new_tokens=128, temperature=0.0, seed=0):
         images = images or [[] for _ in conversations]
@@ -396,8 +370,8 @@ def add_backend_arguments(parser: argparse.ArgumentParser, kinds: Sequence[str])
                    help="http backend: environment variable holding the bearer key (unset: no key)")
     g.add_argument("--timeout", type=float, default=60.0, help="http backend: seconds per request")
     g.add_argument("--retries", type=int, default=3,
-                   help="retries after a failed call or a rejected answer (http: with exponential backoff)")
-    g.add_argument("--backoff", type=float, default=1.0, help="http backend: first backoff in seconds (doubles)")
+                   help="retries after a failed call (http: by the openai client, with exponential backoff) "
+                        "or a rejected answer")
     g.add_argument("--concurrency", type=int, default=1, help="http backend: parallel requests within a batch")
 
 
@@ -407,11 +381,14 @@ def backend_from_args(args: argparse.Namespace, vision: bool) -> Backend | None:
         return None
     if args.backend == "hf":
         if not args.model:
-            raise SystemExit("--backend hf needs --model")
+            raise bad("--backend hf", "needs a local model", "give --model DIR (or a .gguf file for text)")
+        if Path(args.model).suffix != ".gguf":
+            check_model_dir(args.model, "--model")
+        elif not Path(args.model).is_file():
+            raise bad(args.model, "no such GGUF file", "check --model")
         cls = HFVisionLM if vision else HFCausalLM
         return cls(args.model, device=args.device, dtype=args.dtype)
     if not args.base_url:
-        raise SystemExit("--backend http needs --base_url")
+        raise bad("--backend http", "needs an endpoint", "give --base_url, e.g. http://127.0.0.1:8000/v1")
     return OpenAIChatBackend(args.base_url, args.api_model, api_key=os.environ.get(args.api_key_env),
-                             timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                             concurrency=args.concurrency)
+                             timeout=args.timeout, retries=args.retries, concurrency=args.concurrency)

@@ -280,7 +280,7 @@ def test_caption_http_retries_filters_and_skips(tmp_path, server, capsys):
     server.fail_first = 1  # the first request gets HTTP 500: the backend must retry it
     make_caption_dataset(tmp_path, server)
     assert preprocess_main(caption_cli(tmp_path, "--backend", "http", "--base_url", server.base_url,
-                                       "--backoff", "0.01", "--retries", "2")) == 0
+                                       "--retries", "2")) == 0
     caps, skipped = _assert_captions_sound(tmp_path)
     assert server.statuses[0] == 500 and 200 in server.statuses
     assert {i: r["caption"] for i, r in caps.items()} == {
@@ -366,17 +366,19 @@ def test_append_log_recovery(tmp_path):
 
 
 def test_http_backend_errors(server):
-    fast = {"backoff": 0.0, "sleep": lambda s: None}
     server.fail_first = 2
-    r = OpenAIChatBackend(server.base_url, "m", retries=3, **fast).chat([[{"role": "user", "content": "hi"}]])[0]
+    r = OpenAIChatBackend(server.base_url, "m", retries=3).chat([[{"role": "user", "content": "hi"}]])[0]
     assert r.ok and server.statuses == [500, 500, 200]
-    r = OpenAIChatBackend(server.base_url, "bad-model", retries=3, **fast).chat([[{"role": "user", "content": "x"}]])[0]
+    r = OpenAIChatBackend(server.base_url, "bad-model", retries=3).chat([[{"role": "user", "content": "x"}]])[0]
     assert not r.ok and r.text is None and "HTTP 400" in r.error and server.statuses[-2:] == [200, 400]
+    assert "after 1 attempt(s)" in r.error  # a client error is not retried
     server.delay = 1.0
-    r = OpenAIChatBackend(server.base_url, "m", retries=1, timeout=0.2, **fast).chat([[{"role": "user", "content": "x"}]])[0]
-    assert not r.ok and "after 2 attempt(s)" in r.error
-    dead = OpenAIChatBackend("http://127.0.0.1:9/v1", "m", retries=1, timeout=1, **fast)
+    r = OpenAIChatBackend(server.base_url, "m", retries=1, timeout=0.2).chat([[{"role": "user", "content": "x"}]])[0]
+    assert not r.ok and "Timeout" in r.error and "after 2 attempt(s)" in r.error
+    dead = OpenAIChatBackend("http://127.0.0.1:9/v1", "m", retries=1, timeout=1)
     assert not dead.chat([caption_messages()], images=[[]])[0].ok  # placeholder without image: refused locally
+    with pytest.raises(BadInputError, match=r"127.0.0.1:9/v1: cannot reach the endpoint"):
+        dead.chat([[{"role": "user", "content": "x"}]])
 
 
 @pytest.mark.parametrize("text,value", [("7", 7), (" 10\n", 10), ("Score: 3", 3), ("8/10", 8), ("0.", 0),
@@ -436,7 +438,7 @@ def test_cot_http_no_target_leak_and_failures(tmp_path, server):
     server.fail_first = 1
     ds = make_cot_dataset(tmp_path)
     argv = cot_cli(tmp_path, "--backend", "http", "--base_url", server.base_url, "--judge", "llm",
-                   "--backoff", "0.01", "--retries", "1", "--threshold", "0.65")
+                   "--retries", "1", "--threshold", "0.65")
     assert preprocess_main(argv) == 0
     refine = [p for p in server.prompts() if "Structured notes drafted" in p]
     assert len(refine) >= 5
