@@ -102,7 +102,9 @@ class LineErrors:
         if len(self.examples) < 5:
             self.examples.append(f"{self.path}:{lineno}: {why}")
 
-    def report(self, stream=sys.stderr) -> None:
+    def report(self, stream: IO[str] | None = None) -> None:
+        """Print the count and the first locations (to ``stream``, default stderr)."""
+        stream = stream or sys.stderr
         if self.count:
             print(f"[warn] skipped {self.count} malformed line(s) in {self.path}", file=stream)
             for e in self.examples or []:
@@ -268,6 +270,8 @@ def check_model_dir(path: str | os.PathLike, role: str = "model") -> Path:
 def check_model_spec(spec: str, role: str = "model") -> str:
     """A local model folder (checked by :func:`check_model_dir`) or a hub id that can load: in the
     Hugging Face cache, or any id while the hub is reachable (``HF_HUB_OFFLINE`` unset)."""
+    if not spec:
+        raise bad(role, "not set", f"set {role} in the config or as {role}=PATH")
     looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
     if Path(spec).exists() or not looks_like_hub_id:
         return str(check_model_dir(spec, role))

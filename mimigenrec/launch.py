@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from mimigenrec import yaml_config
-from mimigenrec.io import BadInputError, DataDir, bad, check_model_spec, cli_errors, read_json
+from mimigenrec.io import (
+    BadInputError,
+    DataDir,
+    bad,
+    check_model_spec,
+    cli_errors,
+    read_json,
+)
 
 # keys whose value names something that must already exist / that a run creates
 INPUT_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "deepspeed", "data_dir",
@@ -31,7 +38,13 @@ def _resolve_path(value: str, caller: Path, must_exist: bool) -> str:
     if p.is_absolute():
         return str(p)
     full = caller / p
-    return str(full.resolve()) if full.exists() or not must_exist else value
+    if must_exist and not full.exists() and (p.exists() or _hub_id(value)):
+        return value  # relative to the repository root (the current directory here), or a hub id
+    return str(full.resolve())
+
+
+def _hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "~"))
 
 
 def _resolve_rewards(value: str, caller: Path) -> str:
@@ -48,10 +61,11 @@ def _resolve_rewards(value: str, caller: Path) -> str:
 def resolve_override(item: str, caller: str | os.PathLike) -> str:
     """``key=value`` with a path value relative to ``caller`` made absolute.
 
-    Output paths (``output_dir``, ``export_dir``, ``logging_dir``) always are; input paths
-    (``model_name_or_path``, ``dataset_dir``, ``data_dir``, ``deepspeed``, ...) when they exist there
-    (otherwise they stay as given: a hub id, or a path relative to the repository root, as in the
-    example configs); ``path/to/file.py:function`` rewards when the file exists there.
+    Output paths (``output_dir``, ``export_dir``, ``logging_dir``) always are. Input paths
+    (``model_name_or_path``, ``dataset_dir``, ``data_dir``, ``deepspeed``, ...) and the files of
+    ``path/to/file.py:function`` rewards are too, unless they exist only relative to the repository
+    root (the current directory of the launchers, as in the example configs) or look like a hub id
+    (``org/name``). Run from the repository root.
     """
     key, sep, value = item.partition("=")
     k = key.strip().lstrip("-")

@@ -131,6 +131,9 @@ def add_tokens_for_config(cfg: dict) -> str | None:
 
 
 INPUTS_FILE = "mimigenrec_inputs.json"
+# what LLaMA-Factory looks for before it refuses a non-empty output_dir without checkpoints
+FINAL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 def sft_inputs(cfg: dict) -> dict[str, Any]:
@@ -159,7 +162,11 @@ def check_resume(cfg: dict) -> Path | None:
         return None
     out = Path(cfg["output_dir"])
     record = out / INPUTS_FILE
-    resuming = any(out.glob("checkpoint-*")) and not cfg.get("overwrite_output_dir")
+    overwrite = bool(cfg.get("overwrite_output_dir"))
+    resuming = any(out.glob("checkpoint-*")) and not overwrite
+    if not resuming and not overwrite and any((out / f).is_file() for f in FINAL_MODEL_FILES):
+        raise SFTConfigError(f"{out}: holds a trained model and no checkpoint to resume: use another output_dir, "
+                             "or overwrite_output_dir=true to train again")
     if resuming and record.is_file():
         old = _read_json(record, "inputs record")
         changed = [k for k in now if old.get(k) != now[k]]

@@ -643,11 +643,11 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def print_summary(stats: Mapping[str, Any], out_dir: str | os.PathLike, stream: IO[str] = sys.stdout) -> None:
-    """One short human-readable summary of a source stage's stats."""
+def print_summary(stats: Mapping[str, Any], out_dir: str | os.PathLike, stream: IO[str] | None = None) -> None:
+    """One short human-readable summary of a source stage's stats (to ``stream``, default stdout)."""
     r = stats["rows"]
     print(f"{stats.get('dataset', '')}: {stats['users']} users, {stats['items']} items, "
           f"{stats['interactions']} interactions -> train/valid/test rows {r['train']}/{r['valid']}/{r['test']} "
           f"({stats['split']}); malformed lines {stats.get('malformed_lines', 0)} (+ {stats.get('meta_malformed', 0)} "
           f"in the item file), items dropped without title "
-          f"{stats.get('dropped_no_title_items', 0)}; {stats['seconds']['total']:.2f}s -> {out_dir}", file=stream)
+          f"{stats.get('dropped_no_title_items', 0)}; {stats['seconds']['total']:.2f}s -> {out_dir}", file=stream or sys.stdout)
