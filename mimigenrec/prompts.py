@@ -48,8 +48,25 @@ TASKS: dict[str, dict[str, str]] = {
         "answer": "item_ref",
     },
 }
+HISTORY_HEADER = "User history (oldest first):"
+CANDIDATES_HEADER = "Candidates:"
+REFERENCE_HEADER = "Reference reasoning:"
+ITEM_TITLE_HEADER = "Item title:"
+SID_HEADER = "Semantic ID:"
 SEQ_TASKS = ("sid_seq", "title_seq2sid", "sid_seq2title")
 ITEM_TASKS = ("title2sid", "sid2title")
+
+
+def fixed_phrases() -> list[str]:
+    """Every fixed string a prompt is built from (system prompt, instructions, headers), longest first.
+
+    A tokenizer trained for this template may hold each as one token (see
+    :func:`mimigenrec.backbones.build_tiny_model`), so a small model from scratch spends its
+    compute on the history, not on boilerplate.
+    """
+    texts = {SYSTEM, HISTORY_HEADER, CANDIDATES_HEADER, REFERENCE_HEADER, ITEM_TITLE_HEADER, SID_HEADER}
+    texts |= {t["instruction"] for t in TASKS.values()}
+    return sorted(texts, key=lambda t: (-len(t), t))
 
 
 def sid_string(tokens: Sequence[str]) -> str:
@@ -133,13 +150,13 @@ def build_input(
     if spec["history"] == "none":
         assert item is not None
         if spec["answer"] == "sid":
-            return f'Item title: "{items[item].get("title") or f"item {item}"}"'
-        return f"Semantic ID: {sid_string(id2sid[item])}"  # type: ignore[index]
-    parts = [f"User history (oldest first): {render_history(history, spec['history'], items, id2sid, captions)}"]
+            return f'{ITEM_TITLE_HEADER} "{items[item].get("title") or f"item {item}"}"'
+        return f"{SID_HEADER} {sid_string(id2sid[item])}"  # type: ignore[index]
+    parts = [f"{HISTORY_HEADER} {render_history(history, spec['history'], items, id2sid, captions)}"]
     if candidates is not None:
-        parts.append("Candidates:\n" + render_candidates(candidates, items, captions))
+        parts.append(f"{CANDIDATES_HEADER}\n" + render_candidates(candidates, items, captions))
     if cot_reference:
-        parts.append(f"Reference reasoning: {cot_reference.strip()}")
+        parts.append(f"{REFERENCE_HEADER} {cot_reference.strip()}")
     return "\n".join(parts)
 
 
