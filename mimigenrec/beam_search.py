@@ -137,6 +137,10 @@ def constrained_beam_search(model, input_ids: torch.LongTensor, attention_mask: 
 
     ``allowed_items``: optional ``[B, num_items]`` candidate sets (columns in trie order).
     ``renormalize``: score with the constrained policy (log-softmax over allowed tokens only).
+    The default, False, is the one score of the project: evaluation, the GRPO watch and beam-mode
+    GRPO rollouts all rank by the model's own (full-vocabulary) log-probs of the answer tokens,
+    the distribution SFT trains. (Measured on a tiny SFT model, 1,000 valid rows: NDCG@10
+    0.0894 with it against 0.0869 renormalised.)
     ``use_generate``: run stock ``model.generate`` beam search with :class:`TrieLogitsProcessor`.
     ``cache_mode``: ``"tree"``, ``"expand"`` (see the module docstring) or ``"auto"`` (tree where
     :func:`tree_attention_supported`).

@@ -12,8 +12,8 @@ A thin subclass that overrides five hooks of ``trl.GRPOTrainer``:
     top-k / top-p, so those act on the constrained distribution);
   - ``rollout_mode: beam``: TRL repeats each prompt ``num_generations`` times in a row; the
     group is run once through :func:`~mimigenrec.beam_search.constrained_beam_search` with
-    ``num_generations`` beams (scored by the constrained policy) and the beams become the
-    group's completions **in rank order**;
+    ``num_generations`` beams, ranked by the same score as evaluation (see that function), and
+    the beams become the group's completions **in rank order**;
   - ``use_vllm``: TRL's own vLLM path with ``vllm_guided_decoding_regex`` = an escaped
     alternation of every valid answer string; completions are mapped back to the canonical
     trie token sequence (vLLM may spell an answer with other tokens). Untested here (no GPU);
@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import copy
 import re
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from trl import GRPOTrainer
 from trl.data_utils import maybe_apply_chat_template
 from trl.models import unwrap_model_for_generation
@@ -174,6 +174,29 @@ class _EosOverPad(LogitsProcessor):
         return scores
 
 
+@contextmanager
+def neutral_generation_config(model) -> Iterator[None]:
+    """While inside, ``model.generation_config`` holds token ids only.
+
+    ``generate(generation_config=cfg)`` (transformers >= 4.50) replaces every field of ``cfg``
+    that equals Hugging Face's global default with the model's saved value. TRL's sampling
+    settings (temperature 1.0, top_p 1.0, repetition_penalty 1.0) ARE those defaults, so
+    without this an Instruct backbone's saved temperature / top_p / top_k / repetition penalty
+    would shape the rollouts while the loss scores them under the trainer's settings.
+    """
+    mods = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
+    saved = [(m, m.generation_config) for m in mods if getattr(m, "generation_config", None) is not None]
+    for m, cfg in saved:
+        m.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                                               pad_token_id=cfg.pad_token_id,
+                                               decoder_start_token_id=cfg.decoder_start_token_id)
+    try:
+        yield
+    finally:
+        for m, cfg in saved:
+            m.generation_config = cfg
+
+
 def _cut_after_eos(seqs: torch.LongTensor, eos: int) -> list[list[int]]:
     """Rows up to and including the first EOS (whole row if none)."""
     out = []
@@ -190,7 +213,7 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, answer_space: AnswerSpace | None = None, rollout_mode: str = "sample",
-                 constrained: bool = True, **kwargs) -> None:
+                 constrained: bool = True, inject_target: bool = False, **kwargs) -> None:
         grpo_args = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         if rollout_mode not in ROLLOUT_MODES:
             raise ValueError(f"rollout_mode must be one of {ROLLOUT_MODES}, got {rollout_mode!r}")
@@ -198,11 +221,14 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
             raise ValueError("constrained rollouts need an answer_space (AnswerSpace.build(tokenizer, id2sid, ...))")
         if rollout_mode == "beam" and not constrained:
             raise ValueError("rollout_mode: beam needs constrained: true (beams are ranked valid items)")
+        if inject_target and not constrained:
+            raise ValueError("inject_target needs constrained: true (the target must be a valid item)")
         if grpo_args is not None and constrained:
             self._check_args(grpo_args, answer_space, rollout_mode)
         self.answer_space = answer_space
         self.rollout_mode = rollout_mode
         self.constrained = constrained
+        self.inject_target = inject_target
         self.reward_history: list[tuple[int, float]] = []  # (global_step, mean train reward) per generation
         self._rows: list[dict] | None = None        # rows of the batch being generated
         self._rows_allowed: torch.Tensor | None = None
@@ -277,12 +303,16 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ hook 2: rollouts
     def _generate_single_turn(self, prompts: list, images: list | None):
-        if not self.constrained:
-            return super()._generate_single_turn(prompts, images)
-        if images is not None:
-            raise NotImplementedError("constrained rollouts take text prompts only")
         if self.use_vllm:
-            return self._vllm_rollouts(prompts)
+            return self._vllm_rollouts(prompts) if self.constrained else super()._generate_single_turn(prompts, images)
+        with neutral_generation_config(self.accelerator.unwrap_model(self.model)):
+            if not self.constrained:
+                return super()._generate_single_turn(prompts, images)
+            if images is not None:
+                raise NotImplementedError("constrained rollouts take text prompts only")
+            return self._constrained_rollouts(prompts)
+
+    def _constrained_rollouts(self, prompts: list):
         device = self.accelerator.device
         tok = self.processing_class
         texts = [maybe_apply_chat_template({"prompt": p}, tok)["prompt"] for p in prompts]
@@ -308,8 +338,32 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
         items = trie.items_of(seqs)
         if bool((items < 0).any()):
             raise RuntimeError("a constrained rollout is not a valid item; this is a bug in the trie constraint")
+        if self.inject_target:
+            seqs = self._inject_targets(seqs, items)
         prompt_ids = [p[m].tolist() for p, m in zip(input_ids, attn.bool())]
         return prompt_ids, _cut_after_eos(seqs, trie.eos_token_id), None, {}
+
+    def _inject_targets(self, seqs: torch.LongTensor, items: torch.LongTensor) -> torch.LongTensor:
+        """Where no completion of a group is the row's target, the group's last one becomes the target.
+
+        Every group then holds its positive, so a rank-aware reward always has a hit to push up
+        against the model's own best wrong answers (in beam mode: its top beams); the share of
+        groups that needed it is logged as ``injected_target``.
+        """
+        G, tok, space = self.num_generations, self.processing_class, self.answer_space
+        seqs = seqs.clone()
+        injected = 0
+        for g in range(0, seqs.shape[0], G):
+            col = space.target_col(self._rows[g])
+            if col is None or bool((items[g:g + G] == col).any()):
+                continue
+            ids = tok(space.texts[col], add_special_tokens=False).input_ids + [tok.eos_token_id]
+            seqs[g + G - 1] = self.answer_space.trie.pad_token_id
+            seqs[g + G - 1, :len(ids)] = torch.tensor(ids, dtype=seqs.dtype, device=seqs.device)
+            injected += 1
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["injected_target"].append(injected / max(1, seqs.shape[0] // G))
+        return seqs
 
     def _fsdp_full_params(self):
         if not self.is_fsdp_enabled:
@@ -351,8 +405,9 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
                                  f"prompt; {len(short)} prompt(s) have fewer candidates")
         elif trie.num_items < G:
             raise ValueError(f"num_generations={G} beams but only {trie.num_items} valid items")
-        res = constrained_beam_search(model, input_ids[::G], attn[::G], trie, num_beams=G,
-                                      allowed_items=allowed, renormalize=True)
+        # ranked by the evaluation's score (the model's own log-probs of the answer tokens), so a group's
+        # beam ranks are the ranks evaluate.sh would give; see constrained_beam_search(renormalize=...)
+        res = constrained_beam_search(model, input_ids[::G], attn[::G], trie, num_beams=G, allowed_items=allowed)
         self._beam_ranks = list(range(G)) * (n // G)
         return res.sequences.reshape(n, -1)
 

@@ -3,8 +3,9 @@
 CONFIG holds any ``trl.GRPOConfig`` field plus mimigenrec's own (see ``--help``); ``key=value``
 arguments override it (values parsed as YAML). Usually launched by ``trl_trainer.sh`` through
 ``accelerate launch``. Reads ``data_dir/rl/<split>.json``, ``id2sid.json`` and ``items.jsonl``;
-writes checkpoints (every ``save_steps``), the final model, ``reward_watch.{jsonl,png}`` to
-``output_dir``. ``resume_from_checkpoint=PATH`` (or ``true`` = latest in ``output_dir``) resumes.
+writes checkpoints (every ``save_steps``), the final model (with ``select_best``: the watch point with
+the best held-out NDCG, see :mod:`mimigenrec.reward_watch`), ``reward_watch.{jsonl,png}`` and
+``selection.json`` to ``output_dir``. ``resume_from_checkpoint=PATH`` (or ``true`` = latest in ``output_dir``) resumes.
 """
 from __future__ import annotations
 
@@ -119,16 +120,21 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
         model=cfg.model_name_or_path, reward_funcs=reward_funcs, args=cfg,
         train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer, peft_config=peft_config,
         callbacks=list(callbacks), answer_space=space, rollout_mode=cfg.rollout_mode, constrained=cfg.constrained,
+        inject_target=cfg.inject_target,
     )
     if eval_rows and space is not None:
-        trainer.add_callback(RewardWatch(trainer, eval_rows, every=cfg.eval_every_steps, k=cfg.eval_num_beams,
-                                         batch_size=cfg.per_device_eval_batch_size))
+        trainer.watch = RewardWatch(trainer, eval_rows, every=cfg.eval_every_steps, k=cfg.eval_k,
+                                    num_beams=cfg.eval_num_beams, batch_size=cfg.per_device_eval_batch_size,
+                                    select_best=cfg.select_best)
+        trainer.add_callback(trainer.watch)
     return trainer
 
 
 def run(cfg) -> Any:
     """Train per ``cfg`` (resuming if asked), save the final model; returns the trainer."""
     from transformers import set_seed
+
+    from mimigenrec.reward_watch import keep_best
 
     set_seed(cfg.seed)
     trainer = build_trainer(cfg)
@@ -139,8 +145,11 @@ def run(cfg) -> Any:
         resume = None
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(cfg.output_dir)
+    watch = getattr(trainer, "watch", None)
+    selection = keep_best(watch, trainer.state.global_step) if watch is not None else None
     if trainer.accelerator.is_main_process:
         summary = {"output_dir": cfg.output_dir, "global_step": trainer.state.global_step,
+                   "selected_step": None if selection is None else selection["selected_step"],
                    "reward_history": trainer.reward_history[-5:]}
         print(json.dumps(summary))
     return trainer

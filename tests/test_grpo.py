@@ -114,21 +114,81 @@ def test_every_rollout_is_a_valid_item(world, tmp_path, mode):
         assert got == pytest.approx(sum(want) / len(want), abs=1e-6)
 
 
-def test_beam_groups_are_the_constrained_beam_search_ranking(world, tmp_path):
-    from mimigenrec.beam_search import constrained_beam_search
+def test_beam_groups_are_the_evaluation_ranking(world, tmp_path):
+    """A beam group = evaluate.sh's top num_generations items for that prompt, in the same order."""
+    import argparse
+
+    from mimigenrec.evaluate import ModelRanker, load_eval_data
 
     trainer = make_trainer(world, tmp_path, rollout_mode="beam", rewards=["rule"])
-    batch = group_batch(trainer, [0, 2])
+    sid_rows = [i for i, r in enumerate(trainer.train_dataset) if r["extra_info"]["task"] == "sid_seq"][:3]
+    batch = group_batch(trainer, sid_rows)
     trainer.model.train()
     texts = decoded(trainer, trainer._generate_and_score_completions(batch))
-    tok = trainer.processing_class
-    enc = tok([tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in batch[::G]],
-              return_tensors="pt", padding=True, add_special_tokens=False)
-    space = trainer.answer_space
-    trainer.model.eval()
-    res = constrained_beam_search(trainer.model, enc.input_ids, enc.attention_mask, space.trie, G,
-                                  allowed_items=space.allowed(batch[::G]), renormalize=True)
-    assert texts == [space.texts[c] for c in res.items.flatten().tolist()]
+    args = argparse.Namespace(data_dir=str(world.data.root), split="train", max_rows=0, seed=0, task="sid_seq",
+                              captions="auto", methods=["model:x"], output_dir=str(tmp_path / "ev"),
+                              num_negatives=9, num_beams=G, beam_search="auto", think=False, max_new_tokens=8)
+    data = load_eval_data(args)
+    ranker = ModelRanker("m", str(world.model), data, args, "cpu")
+    by_key = {(r["user_id"], r["position"]): r for r in data.rows}
+    rows = [by_key[(r["extra_info"]["user_id"], r["extra_info"]["position"])] for r in batch[::G]]
+    ranked = [p["ranked"] for p in ranker.predict(rows, None)]
+    want = [prompts.sid_string(world.id2sid[i]) for rk in ranked for i in rk]
+    assert texts == want
+
+
+def _target_in_group(trainer, texts, batch) -> list[bool]:
+    return [any(t == batch[g]["reward_model"]["ground_truth"] for t in texts[g:g + G]) for g in range(0, len(texts), G)]
+
+
+def test_a_step_on_rows_with_hits_has_advantages_and_moves_the_weights(world, tmp_path):
+    """Beam rollouts on rows whose target is among the beams: non-zero advantages, and one
+    optimizer step changes the weights."""
+    trainer = make_trainer(world, tmp_path, rollout_mode="beam", rewards=["ndcg_rank"], learning_rate=1e-3,
+                           max_steps=1, logging_steps=1, save_strategy="no")
+    sid = [i for i, r in enumerate(trainer.train_dataset) if r["extra_info"]["task"] == "sid_seq"]
+    trainer.model.train()
+    hits = []
+    for i in sid:
+        batch = group_batch(trainer, [i])
+        if _target_in_group(trainer, decoded(trainer, trainer._generate_and_score_completions(batch)), batch)[0]:
+            hits.append(i)
+    assert len(hits) >= 2, "the tiny model hits too few targets for this test"
+    out = trainer._generate_and_score_completions(group_batch(trainer, hits[:2]))
+    assert (out["advantages"].abs() > 1e-6).all()
+    trainer.train_dataset = trainer.train_dataset.select(hits[:2])
+    before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "frac_reward_zero_std" in h]
+    assert logged and logged[-1]["frac_reward_zero_std"] == 0.0
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+
+
+@pytest.mark.parametrize("mode", ["sample", "beam"])
+def test_inject_target_puts_the_target_in_every_group(world, tmp_path, mode):
+    rewards = ["ndcg_rank"] if mode == "beam" else ["rule"]
+    plain = make_trainer(world, tmp_path / "plain", rollout_mode=mode, rewards=rewards)
+    sid = [i for i, r in enumerate(plain.train_dataset) if r["extra_info"]["task"] == "sid_seq"]
+    plain.model.train()
+    batch = group_batch(plain, sid[:6])
+    torch.manual_seed(0)
+    before = decoded(plain, plain._generate_and_score_completions(batch))
+    assert not all(_target_in_group(plain, before, batch)), "every group already holds its target"
+    trainer = make_trainer(world, tmp_path / "inject", rollout_mode=mode, rewards=rewards, inject_target=True)
+    trainer.model.train()
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions(batch)
+    texts = decoded(trainer, out)
+    assert all(_target_in_group(trainer, texts, batch))
+    missing = [not h for h in _target_in_group(plain, before, batch)]
+    for g, miss in enumerate(missing):  # only the last completion of a group without its target changes
+        if mode == "beam":
+            want = before[g * G:(g + 1) * G - 1] + [batch[g * G]["reward_model"]["ground_truth"]] if miss else \
+                before[g * G:(g + 1) * G]
+            assert texts[g * G:(g + 1) * G] == want
+    assert trainer._metrics["train"]["injected_target"][-1] == pytest.approx(sum(missing) / len(missing))
+    assert (out["advantages"].view(-1, G).abs().sum(1) > 0).all()
 
 
 def brute_force_logps(world, trainer, row, comp: list[int], logits: torch.Tensor) -> list[float]:
@@ -172,6 +232,42 @@ def test_constrained_logps_equal_brute_force(world, tmp_path, mode):
         assert logps[r, :n].tolist() == pytest.approx(want, abs=1e-5)
         assert logps[r, n - 1] == pytest.approx(0.0, abs=1e-6)  # EOS after a complete answer is certain
         assert (logps[r, :n] >= unconstrained[r, :n] - 1e-6).all()  # renormalising never lowers a log-prob
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_rollouts_ignore_the_models_generation_config(world, tmp_path, monkeypatch, constrained):
+    """A backbone's saved sampling settings (an Instruct model's temperature, top_p, top_k,
+    repetition penalty) never reach the rollouts: generate() runs with the trainer's settings."""
+    import shutil
+
+    from transformers import GenerationConfig
+    from transformers.generation.utils import GenerationMixin
+
+    model_dir = tmp_path / "instruct_like"
+    shutil.copytree(world.model, model_dir)
+    saved = GenerationConfig.from_pretrained(world.model)
+    saved.update(do_sample=True, temperature=0.05, top_p=0.1, top_k=1, repetition_penalty=3.0)
+    saved.save_pretrained(model_dir)
+    rewards = ["rule", "partial_match"] if constrained else ["format", "rule"]
+    trainer = make_trainer(world, tmp_path, model_name_or_path=str(model_dir), constrained=constrained,
+                           rewards=rewards, max_completion_length=6)
+    assert trainer.model.generation_config.top_k == 1  # the source of the leak is there
+    seen = []
+    prepare = GenerationMixin._prepare_generation_config
+
+    def spy(self, *a, **kw):
+        cfg, rest = prepare(self, *a, **kw)
+        seen.append(cfg)
+        return cfg, rest
+
+    monkeypatch.setattr(GenerationMixin, "_prepare_generation_config", spy)
+    trainer.model.train()
+    trainer._generate_and_score_completions(group_batch(trainer, [0, 2]))
+    assert seen
+    for cfg in seen:
+        assert cfg.do_sample and cfg.temperature == 1.0 and cfg.top_p == 1.0
+        assert cfg.top_k in (None, 0) and cfg.repetition_penalty == 1.0
+    assert trainer.model.generation_config.top_k == 1  # the model's own config is restored afterwards
 
 
 def test_unconstrained_mode_is_stock_trl(world, tmp_path):
@@ -277,7 +373,14 @@ def test_three_step_run_changes_weights_and_resumes(world):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed, "3 GRPO steps left every weight unchanged"
     watch = [json.loads(x) for x in (out / "reward_watch.jsonl").read_text().splitlines()]
-    assert [p["step"] for p in watch] == [2, 3] and all(0 <= p["ndcg@10"] <= 1 for p in watch)
+    assert [p["step"] for p in watch] == [0, 2, 3] and all(0 <= p["ndcg@10"] <= 1 for p in watch)
+    assert all(p["eval_rows"] == 6 and "ndcg@10_se" in p and "hr@10" in p for p in watch)
+    assert "ndcg@10_delta_vs_step0" in watch[-1]
+    sel = json.loads((out / "selection.json").read_text())
+    best = max(watch, key=lambda p: p["ndcg@10"])  # first of equals: selection keeps the earliest best
+    assert sel["selected_step"] == best["step"] and sel["final_step"] == 3
+    kept = out / "best_valid" if best["step"] != 3 else ckpt
+    assert torch.equal(_weights(out)[changed[0]], _weights(kept)[changed[0]])
     assert (out / "reward_watch.png").stat().st_size > 1000
 
     # resume in this process (the launcher path is covered above; this saves a second interpreter start)
