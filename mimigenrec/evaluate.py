@@ -57,6 +57,7 @@ from mimigenrec.io import (
     bad,
     check_model_dir,
     cli_errors,
+    file_digest,
     fingerprint,
     iter_records,
     model_fingerprint,
@@ -260,6 +261,7 @@ class ModelRanker(Ranker):
             from mimigenrec.launch import check_sid_tokens
 
             check_sid_tokens(tok.get_vocab(), sorted({t for s in sids.values() for t in s}), path, data.data_dir)
+            warn_if_other_sids(name, path, DataDir(data.data_dir).id2sid)
             self.trie = ItemTrie.from_id2sid(sids, tok)
             self.answer_of = {prompts.sid_string(s): i for i, s in sids.items()}
             self.unit_re = re.compile(r"(?:" + prompts.SID_TOKEN_RE.pattern + r")+")
@@ -309,6 +311,18 @@ class ModelRanker(Ranker):
     def describe(self):
         return {"path": self.path, "trie_items": self.trie.num_items, "think": bool(self.args.think),
                 "beam_search": self.args.beam_search}
+
+
+def warn_if_other_sids(name: str, model: str, id2sid: Path) -> None:
+    """A loud note when ``sft.sh`` recorded that the model learned other semantic IDs than ``id2sid``
+    (a dataset rebuilt with other SIDs keeps the same token names, so nothing else would notice)."""
+    from mimigenrec.sft_config import trained_sids
+
+    sids = trained_sids(model)
+    if sids and file_digest(id2sid) not in sids:
+        print(f"[evaluate] warning: {name}: {model} was fine-tuned with other semantic IDs than {id2sid} "
+              "(sft.sh's record in its folder): its answers name other items; evaluate it on the dataset it was "
+              "trained on, or fine-tune it on this one", file=sys.stderr)
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:

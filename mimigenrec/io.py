@@ -28,26 +28,36 @@ def bad(where: Any, what: str, todo: str = "") -> BadInputError:
     return BadInputError(f"{where}: {what}" + (f": {todo}" if todo else ""))
 
 
+_OS_HINTS = {
+    errno.ENOENT: "check the path, or run the stage that writes it first",
+    errno.EACCES: "choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "choose a folder you can write to, or fix its permissions",
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.ENOTDIR: "a file stands where a folder is expected: check the path",
+    errno.EISDIR: "a folder stands where a file is expected: check the path",
+    errno.EEXIST: "a file stands where a folder is expected: check the path",
+}
+
+
 def cli_errors(fn: Callable[[], Any]) -> int:
     """Run an entry point; anticipated errors become one ``error: ...`` line on stderr and exit code 2.
 
-    :class:`BadInputError`, permission and disk-full errors are anticipated; anything else is a bug
-    and keeps its traceback. ``MIMIGENREC_TRACEBACK=1`` shows tracebacks for every error.
+    Anticipated: :class:`BadInputError`, and file-system errors that name a file (missing, not
+    writable, disk full, file/folder mix-up). Anything else is a bug and keeps its traceback.
+    ``MIMIGENREC_TRACEBACK=1`` shows tracebacks for every error.
     """
     try:
         return int(fn() or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (BadInputError, PermissionError, OSError) as e:
+    except (BadInputError, OSError) as e:
         if os.environ.get("MIMIGENREC_TRACEBACK") == "1":
             raise
         if isinstance(e, BadInputError):
             msg = str(e)
-        elif isinstance(e, PermissionError):
-            msg = f"{e.filename}: permission denied: choose a folder you can write to, or fix its permissions"
-        elif e.errno == errno.ENOSPC:
-            msg = f"{e.filename or 'disk'}: no space left on the device: free some space or write elsewhere"
+        elif e.errno in _OS_HINTS and (e.filename or e.errno == errno.ENOSPC):
+            msg = f"{e.filename or 'disk'}: {(e.strerror or str(e)).lower()}: {_OS_HINTS[e.errno]}"
         else:
             raise
         print(f"error: {msg}", file=sys.stderr)

@@ -146,8 +146,21 @@ def sft_inputs(cfg: dict) -> dict[str, Any]:
     model = check_model_spec(str(cfg.get("model_name_or_path") or ""), "model_name_or_path")
     if Path(model).is_dir():
         model = model_fingerprint(model)
+    sids = {file_digest(f.parent.parent / "id2sid.json") for f in files
+            if f.parent.name == "sft" and (f.parent.parent / "id2sid.json").is_file()}
     return {"datasets": {n: file_digest(f) for n, f in zip(names, files)}, "model": model,
-            "add_tokens": str(cfg.get("add_tokens") or ""), "finetuning_type": cfg.get("finetuning_type", "lora")}
+            "add_tokens": str(cfg.get("add_tokens") or ""), "finetuning_type": cfg.get("finetuning_type", "lora"),
+            "sids": sorted(sids)}
+
+
+def trained_sids(model_dir: str | Path) -> list[str] | None:
+    """Digests of the id2sid.json files a model was fine-tuned with (from the ``sft.sh`` record in its
+    folder, or its parent for a ``checkpoint-N``); None when there is no record."""
+    d = Path(model_dir)
+    for rec in (d / INPUTS_FILE, d.parent / INPUTS_FILE if d.name.startswith("checkpoint-") else None):
+        if rec is not None and rec.is_file():
+            return list(_read_json(rec, "inputs record").get("sids") or []) or None
+    return None
 
 
 def check_resume(cfg: dict) -> Path | None:

@@ -189,6 +189,19 @@ def all_passes_strict(tmp):
     return preprocess(amazon(tmp, "--strict", stage="all"))
 
 
+@case(2, "{tmp}/out", "file exists", "a file stands where a folder is expected")
+def out_dir_is_a_file(tmp):
+    raw_dump(tmp)
+    (tmp / "out").write_text("not a folder")
+    return preprocess(amazon(tmp))
+
+
+@case(2, "{tmp}/empty/items.jsonl", "no such file or directory", "run the stage that writes it")
+def stage_run_before_its_inputs_exist(tmp):
+    (tmp / "empty").mkdir()
+    return preprocess(["caption", "--out_dir", str(tmp / "empty"), "--backend", "http", "--base_url", "http://x/v1"])
+
+
 # --- registrations and stale derived files ---------------------------------------------------
 
 
@@ -360,6 +373,24 @@ def eval_no_baselines_after_a_run_with_them(tmp):
     d = toy(tmp)
     tiny_model(tmp / "m", read_json(d.new_tokens))
     assert evaluate.main(eval_argv(tmp, "--baseline", "popularity")) == 0
+    return evaluate.main(eval_argv(tmp, "--model", f"m={tmp / 'm'}", "--no_baselines"))
+
+
+@case(2, "{tmp}/raw/items.jsonl", "missing", "the folder that `python -m preprocess` wrote")
+def eval_on_the_raw_folder(tmp):
+    raw_dump(tmp)
+    return evaluate.main(["--data_dir", str(tmp / "raw"), "--baseline", "popularity", "--output_dir", str(tmp / "ev")])
+
+
+@case(0, "warning: m:", "fine-tuned with other semantic IDs than {tmp}/ds/id2sid.json")
+def eval_model_trained_on_other_sids(tmp):
+    d = toy(tmp)
+    build_rl(d)
+    argv = sft_out(tmp, d)
+    assert sft_check(argv[0], argv[1], f"output_dir={tmp / 'm'}", "overwrite_output_dir=true") == 0
+    id2sid = read_json(d.id2sid)
+    id2sid["0"], id2sid["1"] = id2sid["1"], id2sid["0"]  # the dataset was rebuilt with other SIDs
+    write_json(d.id2sid, id2sid)
     return evaluate.main(eval_argv(tmp, "--model", f"m={tmp / 'm'}", "--no_baselines"))
 
 
