@@ -90,3 +90,32 @@ def markdown_table(results: Mapping[str, Mapping[str, float]], ks: Sequence[int]
         cells = [f"{m[k]:.4f}" if k in m else "-" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {int(m.get('n_rows', 0))} |")
     return "\n".join(lines)
+
+
+def per_row(predictions: Iterable[Mapping], metric: str) -> dict[str, float]:
+    """``{"user:position": value}`` of one metric (e.g. ``"ndcg@10"``) for prediction rows."""
+    k = int(metric.split("@")[1])
+    return {f"{int(p['user_id'])}:{int(p['position'])}": row_metrics(p["ranked"], p["target"], (k,))[metric]
+            for p in predictions}
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """Mean of ``b - a`` over paired rows and its percentile bootstrap interval (rows resampled).
+
+    Returns ``{"delta", "lo", "hi", "rel"}``; ``rel`` = delta / mean(a) (NaN if mean(a) = 0).
+    """
+    if len(a) != len(b) or not len(a):
+        raise ValueError(f"paired_bootstrap needs two equally long non-empty lists, got {len(a)} and {len(b)}")
+    d = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = torch.empty(n_boot, dtype=torch.float64)
+    for s in range(0, n_boot, 1000):  # chunks keep memory at 1000 x n
+        m = min(1000, n_boot - s)
+        idx = torch.randint(len(d), (m, len(d)), generator=g)
+        means[s:s + m] = d[idx].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64))
+    base = sum(a) / len(a)
+    delta = float(d.mean())
+    return {"delta": delta, "lo": float(lo), "hi": float(hi), "rel": delta / base if base else float("nan"),
+            "n_rows": len(d), "n_boot": n_boot, "level": level}
