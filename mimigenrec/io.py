@@ -220,6 +220,29 @@ def read_json(path: str | os.PathLike) -> Any:
 
 # ----------------------------------------------------------------------------- fingerprints
 
+INPUTS_FILE = "mimigenrec_inputs.json"
+
+
+def guard_resume(out: str | os.PathLike, now: dict[str, Any], resuming: bool, start_over: str) -> Path:
+    """Record what a training run in ``out`` learns from (``now``: name -> fingerprint) in
+    ``out/mimigenrec_inputs.json``; when ``resuming`` from checkpoints there, first refuse if they
+    were trained on other inputs (``start_over`` says how to begin afresh instead)."""
+    out = Path(out)
+    record = out / INPUTS_FILE
+    if resuming and record.is_file():
+        old = read_json(record)
+        changed = [k for k in now if old.get(k) != now[k]]
+        if changed:
+            raise bad(out, f"holds checkpoints trained on other inputs ({', '.join(changed)} changed), so resuming "
+                      "would mix two runs", f"use another output_dir, or {start_over}")
+    elif resuming:
+        print(f"[warn] {out}: checkpoints without an inputs record (not started by the launchers?): resuming "
+              "without checking what they were trained on", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(record, now)
+    return record
+
+
 
 def file_digest(path: str | os.PathLike) -> str:
     """blake2b (128 bits) of a file's bytes."""

@@ -24,6 +24,9 @@ from mimigenrec.io import (
     bad,
     check_model_spec,
     cli_errors,
+    file_digest,
+    guard_resume,
+    model_fingerprint,
     read_json,
 )
 
@@ -33,7 +36,9 @@ INPUT_KEYS = ("model_name_or_path", "adapter_name_or_path", "dataset_dir", "deep
 OUTPUT_KEYS = ("output_dir", "export_dir", "logging_dir")
 
 
-def _resolve_path(value: str, caller: Path, must_exist: bool) -> str:
+def resolve_path(value: str, caller: str | os.PathLike, must_exist: bool) -> str:
+    """``value`` relative to ``caller`` made absolute (see :func:`resolve_override` for when not)."""
+    caller = Path(caller)
     p = Path(value).expanduser()
     if p.is_absolute():
         return str(p)
@@ -54,7 +59,7 @@ def _resolve_rewards(value: str, caller: Path) -> str:
     out = []
     for s in map(str, specs):
         target, sep, attr = s.rpartition(":")
-        out.append(f"{_resolve_path(target, caller, True)}:{attr}" if sep and target.endswith(".py") else s)
+        out.append(f"{resolve_path(target, caller, True)}:{attr}" if sep and target.endswith(".py") else s)
     return json.dumps(out)
 
 
@@ -73,9 +78,9 @@ def resolve_override(item: str, caller: str | os.PathLike) -> str:
         return item
     caller = Path(caller)
     if k in OUTPUT_KEYS:
-        return f"{key}={_resolve_path(value, caller, must_exist=False)}"
+        return f"{key}={resolve_path(value, caller, must_exist=False)}"
     if k in INPUT_KEYS:
-        return f"{key}={_resolve_path(value, caller, must_exist=True)}"
+        return f"{key}={resolve_path(value, caller, must_exist=True)}"
     if k == "rewards":
         return f"{key}={_resolve_rewards(value, caller)}"
     return item
@@ -133,10 +138,32 @@ def check_rl_config(config: str | os.PathLike, overrides: Sequence[str] = ()) ->
     split = d.rl(str(cfg.get("train_split", "train")))
     if not split.is_file():
         raise bad(split, "missing", f"build the RL files first: python -m preprocess build --out_dir {d.root}")
-    check_rewards(cfg.get("rewards") or ["rule"], config)
+    rewards = cfg.get("rewards") or ["rule"]
+    check_rewards(rewards, config)
+    weights = cfg.get("reward_weights")
+    if weights is not None and len(weights) != len(rewards):
+        raise bad(config, f"reward_weights has {len(weights)} values for {len(rewards)} rewards",
+                  "give one weight per reward")
     if model_dir.is_dir() and d.new_tokens.is_file() and cfg.get("constrained", True):
         check_sid_tokens(tokenizer_vocab(model_dir), read_json(d.new_tokens), model_dir, d.root)
+    guard_rl_resume(cfg, model_dir, split, d)
     return cfg
+
+
+def guard_rl_resume(cfg: dict[str, Any], model_dir: Path, split: Path, d: DataDir) -> None:
+    """Resume GRPO checkpoints only when they were trained from the same model, data and rewards."""
+    resume = cfg.get("resume_from_checkpoint")
+    if isinstance(resume, str) and resume.lower() not in ("true", "last", "latest", "false", "none", ""):
+        if not Path(resume).is_dir():
+            raise bad(resume, "resume_from_checkpoint: no such checkpoint folder",
+                      "give a checkpoint-N folder of this output_dir, or resume_from_checkpoint=true")
+    if not cfg.get("output_dir"):
+        return
+    now = {"model": model_fingerprint(model_dir) if model_dir.is_dir() else str(model_dir),
+           "rl_data": file_digest(split), "sids": file_digest(d.id2sid) if d.id2sid.is_file() else None,
+           "rewards": [str(r) for r in cfg.get("rewards") or ["rule"]]}
+    resuming = resume not in (None, False) and str(resume).lower() not in ("false", "none", "")
+    guard_resume(cfg["output_dir"], now, resuming, "drop resume_from_checkpoint to start again from step 0")
 
 
 def main(argv: list[str] | None = None) -> int:

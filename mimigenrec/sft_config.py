@@ -22,7 +22,15 @@ from typing import Any, Iterable
 import yaml
 
 from mimigenrec import yaml_config
-from mimigenrec.io import BadInputError, check_model_spec, cli_errors, file_digest, model_fingerprint, write_json
+from mimigenrec.io import (
+    INPUTS_FILE,
+    BadInputError,
+    check_model_spec,
+    cli_errors,
+    file_digest,
+    guard_resume,
+    model_fingerprint,
+)
 
 
 class SFTConfigError(BadInputError):
@@ -130,7 +138,6 @@ def add_tokens_for_config(cfg: dict) -> str | None:
     return ",".join(sid_tokens_for_dataset(str(cfg.get("dataset_dir", "data")), ",".join(names)))
 
 
-INPUTS_FILE = "mimigenrec_inputs.json"
 # what LLaMA-Factory looks for before it refuses a non-empty output_dir without checkpoints
 FINAL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -174,25 +181,12 @@ def check_resume(cfg: dict) -> Path | None:
     if not cfg.get("output_dir"):
         return None
     out = Path(cfg["output_dir"])
-    record = out / INPUTS_FILE
     overwrite = bool(cfg.get("overwrite_output_dir"))
     resuming = any(out.glob("checkpoint-*")) and not overwrite
     if not resuming and not overwrite and any((out / f).is_file() for f in FINAL_MODEL_FILES):
         raise SFTConfigError(f"{out}: holds a trained model and no checkpoint to resume: use another output_dir, "
                              "or overwrite_output_dir=true to train again")
-    if resuming and record.is_file():
-        old = _read_json(record, "inputs record")
-        changed = [k for k in now if old.get(k) != now[k]]
-        if changed:
-            raise SFTConfigError(f"{out}: holds checkpoints trained on other inputs ({', '.join(changed)} changed), "
-                                 "so resuming would mix two runs: use another output_dir, or "
-                                 "overwrite_output_dir=true to start again from step 0")
-    elif resuming:
-        print(f"sft_config: {out}: checkpoints without an inputs record (not started by sft.sh?): resuming "
-              "without checking what they were trained on", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(record, now)
-    return record
+    return guard_resume(out, now, resuming, "overwrite_output_dir=true to start again from step 0")
 
 
 def lf_encode_row(tokenizer: Any, row: dict, template: str | None = None) -> tuple[list[int], list[int]]:

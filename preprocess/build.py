@@ -223,12 +223,13 @@ def sft_yaml(name: str, dataset_dir: str, model: str, tokens: list[str], lora: b
 
 
 def sft_model_path(spec: str | None, out_dir: Path) -> str:
-    """``--sft_model`` as written into the yamls: absolute when it names a local folder (relative to the
-    current directory), as given otherwise (a hub id); default ``O/models/tiny``."""
+    """``--sft_model`` as written into the yamls: absolute (relative to the current directory) unless it
+    looks like a hub id (``org/name``) and is no local folder; default ``O/models/tiny``."""
     if spec is None:
         return str(out_dir / "models" / "tiny")
-    p = Path(spec).expanduser()
-    return str(p.resolve()) if p.exists() else spec
+    from mimigenrec.launch import resolve_path
+
+    return resolve_path(spec, Path.cwd(), must_exist=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -447,6 +447,39 @@ def trl_trainer_bad_yaml(tmp):
     return sh(tmp, "trl_trainer.sh", "rl.yaml")
 
 
+@case(2, "{tmp}/rl.yaml", "reward_weights has 1 values for 2 rewards")
+def trl_trainer_reward_weights_mismatch(tmp):
+    d = toy(tmp)
+    build_rl(d)
+    tiny_model(tmp / "m", read_json(d.new_tokens))
+    return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "m"))),
+              "rewards=[rule,partial_match]", "reward_weights=[1.0]")
+
+
+@case(2, "{tmp}/rl_out", "trained on other inputs", "rl_data", "drop resume_from_checkpoint")
+def grpo_resume_after_dataset_rebuilt(tmp):
+    from mimigenrec import launch
+
+    d = toy(tmp)
+    build_rl(d)
+    tiny_model(tmp / "m", read_json(d.new_tokens))
+    cfg = str(rl_config(tmp, model_name_or_path=str(tmp / "m")))
+    assert launch.main(["check-rl", cfg]) == 0  # what trl_trainer.sh runs before the first launch
+    (tmp / "rl_out" / "checkpoint-3").mkdir()
+    make_dataset(d.root, seed=4)
+    build_rl(d)
+    return launch.main(["check-rl", cfg, "resume_from_checkpoint=true"])
+
+
+@case(2, "{tmp}/gone", "no such checkpoint folder")
+def grpo_resume_from_missing_checkpoint(tmp):
+    d = toy(tmp)
+    build_rl(d)
+    tiny_model(tmp / "m", read_json(d.new_tokens))
+    return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "m"))),
+              "resume_from_checkpoint=gone")
+
+
 @case(2, "no dataset named 'Nope'", "dataset_info.json")
 def sft_sh_undefined_dataset(tmp):
     d = toy(tmp)
