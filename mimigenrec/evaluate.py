@@ -494,10 +494,10 @@ def check_run_config(args: argparse.Namespace, out: Path, methods: list[tuple[st
         was = old_methods.get(name)
         if name not in held:
             continue
-        if not isinstance(was, dict) or was.get("inputs") != rec["inputs"]:  # no record: provenance unknown
-            stale.append(name)
-        elif (was.get("source"), was.get("config")) != (rec["source"], rec["config"]):
+        if isinstance(was, dict) and (was.get("source"), was.get("config")) != (rec["source"], rec["config"]):
             clash[name] = (was.get("source"), rec["source"]) if was.get("source") != rec["source"] else "config"
+        elif not isinstance(was, dict) or was.get("inputs") != rec["inputs"]:  # no record: provenance unknown
+            stale.append(name)
     if clash:
         raise bad(out, f"holds predictions made with other settings {clash}",
                   "use another --output_dir, or --overwrite to discard them")

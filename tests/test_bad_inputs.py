@@ -356,6 +356,21 @@ def eval_model_retrained_into_same_folder(tmp):
     return evaluate.main(eval_argv(tmp, "--model", f"m={tmp / 'm'}", "--no_baselines"))
 
 
+def first_predictions_kept(tmp):
+    assert read_jsonl(tmp / "ev" / "predictions_m.jsonl") == read_jsonl(tmp / "first.jsonl")
+
+
+@case(2, "{tmp}/ev", "holds predictions made with other settings", "--overwrite", after=first_predictions_kept)
+def eval_same_name_for_another_model(tmp):
+    d = toy(tmp)
+    tokens = read_json(d.new_tokens)
+    tiny_model(tmp / "a", tokens, seed=0)
+    tiny_model(tmp / "b", tokens, seed=1)
+    assert evaluate.main(eval_argv(tmp, "--model", f"m={tmp / 'a'}", "--no_baselines")) == 0
+    (tmp / "first.jsonl").write_bytes((tmp / "ev" / "predictions_m.jsonl").read_bytes())
+    return evaluate.main(eval_argv(tmp, "--model", f"m={tmp / 'b'}", "--no_baselines"))
+
+
 @case(0, "popularity: ", "predicting again", after=same_as_fresh("popularity"))
 def eval_dataset_rebuilt_in_same_folder(tmp):
     toy(tmp)
