@@ -1,6 +1,7 @@
 """Metrics against hand-computed cases, tie-breaking, candidate sampling and sequence rebuilding."""
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -128,12 +129,19 @@ def test_candidates_dense_pool_and_too_small_pool():
         sample_candidates(rows, range(8), 5, seed=0)
 
 
-def test_candidate_cache_roundtrip(tmp_path):
+def test_candidate_cache_roundtrip(tmp_path, monkeypatch):
+    import mimigenrec.candidates as cands
+
     seqs, rows, pool = _rows()
     a = cached_candidates(tmp_path, "test", rows, pool, 9, 0, exclude=seqs)
-    assert (tmp_path / "candidates" / "test_n9_s0.json").is_file()
-    b = cached_candidates(tmp_path, "test", rows, [], 9, 0, exclude=seqs)  # empty pool: must come from the cache
-    assert a == b
+    path = tmp_path / "candidates" / "test_n9_s0.json"
+    digest = json.loads(path.read_text())["inputs"]
+    with monkeypatch.context() as m:  # the same inputs: read from the cache, not drawn again
+        m.setattr(cands, "sample_candidates", lambda *a, **k: pytest.fail("drawn again despite a valid cache"))
+        assert cached_candidates(tmp_path, "test", rows, pool, 9, 0, exclude=seqs) == a
+    # other inputs (a dataset rebuilt in the same folder, here a larger item pool): drawn again, never reused
+    cached_candidates(tmp_path, "test", rows, [*pool, max(pool) + 1, max(pool) + 2], 9, 0, exclude=seqs)
+    assert json.loads(path.read_text())["inputs"] != digest
 
 
 # ----------------------------------------------------------------------------- sequences
