@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 from trl import GRPOConfig
 
 from mimigenrec import yaml_config
+from mimigenrec.io import BadInputError
 
 __all__ = ["RLConfig", "load_config", "our_fields", "parse_overrides"]
 
@@ -74,9 +75,9 @@ class RLConfig(GRPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.rollout_mode not in ("sample", "beam"):
-            raise ValueError(f"rollout_mode must be 'sample' or 'beam', got {self.rollout_mode!r}")
+            raise BadInputError(f"rollout_mode must be 'sample' or 'beam', got {self.rollout_mode!r}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards")
+            raise BadInputError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards")
 
 
 def our_fields() -> list[str]:
@@ -112,7 +113,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return value.lower() in ("true", "yes", "1")
     if any(t in (float, int, bool) for t in args) and str not in args and not any(
             isinstance(t, type) and issubclass(t, str) for t in args):
-        raise ValueError(f"config key {name}: {value!r} is not a valid {' or '.join(getattr(t, '__name__', str(t)) for t in args)}")
+        raise BadInputError(f"config key {name}: {value!r} is not a valid {' or '.join(getattr(t, '__name__', str(t)) for t in args)}")
     return value
 
 
@@ -137,7 +138,7 @@ def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), *
     if unknown:
         hints = "; ".join(f"{k} (did you mean {', '.join(difflib.get_close_matches(k, known, 3)) or '?'})"
                           for k in unknown)
-        raise ValueError(f"unknown config key(s): {hints}")
+        raise BadInputError(f"unknown config key(s): {hints}")
     hints = typing.get_type_hints(RLConfig)
     values = {k: _coerce(k, v, hints.get(k, Any)) for k, v in values.items()}
     if "bf16" not in values and not _cuda():

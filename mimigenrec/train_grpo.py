@@ -72,15 +72,15 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
     from rewards import get_reward
 
     if not cfg.model_name_or_path:
-        raise ValueError("model_name_or_path is required")
+        raise BadInputError("model_name_or_path is required")
     if str(cfg.model_name_or_path).endswith(".gguf"):
-        raise ValueError("model_name_or_path is a GGUF file: convert it first (python -m mimigenrec.gguf_import)")
+        raise BadInputError("model_name_or_path is a GGUF file: convert it first (python -m mimigenrec.gguf_import)")
     if not cfg.data_dir:
-        raise ValueError("data_dir is required")
+        raise BadInputError("data_dir is required")
     dd = DataDir(cfg.data_dir)
     train_rows = _subset(load_rl_rows(dd.rl(cfg.train_split)), cfg.max_train_rows, cfg.seed)
     if not train_rows:
-        raise ValueError(f"{dd.rl(cfg.train_split)} holds no rows to train on")
+        raise BadInputError(f"{dd.rl(cfg.train_split)} holds no rows to train on")
     eval_rows: list[dict] = []
     if cfg.eval_rows > 0 and dd.rl(cfg.eval_split).is_file():
         eval_rows = _subset(load_rl_rows(dd.rl(cfg.eval_split)), cfg.eval_rows, cfg.seed)
@@ -107,7 +107,7 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
         space.check_rows(eval_rows, str(dd.rl(cfg.eval_split)))
 
     if "ndcg_rank" in cfg.rewards and cfg.rollout_mode != "beam":
-        raise ValueError("reward ndcg_rank needs beam ranks: set rollout_mode: beam")
+        raise BadInputError("reward ndcg_rank needs beam ranks: set rollout_mode: beam")
     reward_funcs = [get_reward(r, data_dir=cfg.data_dir, top_k=cfg.retrieval_top_k) for r in cfg.rewards]
     peft_config = None
     if cfg.use_lora:
@@ -182,9 +182,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("config", help="YAML config (examples/rl/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field (YAML value)")
     a = p.parse_args(argv)
+    from mimigenrec.io import cli_errors
     from mimigenrec.rl_config import load_config
 
-    run(load_config(a.config, a.overrides))
+    sys.exit(cli_errors(lambda: run(load_config(a.config, a.overrides)) and 0))
 
 
 if __name__ == "__main__":
