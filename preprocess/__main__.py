@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-STAGES = ["amazon18", "movielens", "embed", "sid", "caption", "cot", "build", "all"]
+STAGES = ["amazon18", "amazon23", "movielens", "embed", "sid", "caption", "cot", "build", "all"]
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -1,4 +1,4 @@
-"""Run every stage in order: source (amazon18|movielens) -> embed -> sid -> [caption] -> [cot] -> build.
+"""Run every stage in order: source (amazon18|amazon23|movielens) -> embed -> sid -> [caption] -> [cot] -> build.
 
 Example: python -m preprocess all --source amazon18 --raw_dir R --category C --out_dir O
 Every option of the source stages (filters, split, --reviews/--meta, --strict, ...) is accepted
@@ -16,18 +16,20 @@ from typing import Any
 
 from preprocess import amazon18, movielens
 from preprocess.interactions import add_common_arguments
-from preprocess.sid import DEFAULT_METHOD, DEFAULT_SEED
+from preprocess.sid import DEFAULT_METHOD, DEFAULT_SEED, METHODS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", choices=["amazon18", "movielens"], required=True, help="raw log format")
+    p.add_argument("--source", choices=["amazon18", "amazon23", "movielens"], required=True, help="raw log format")
     p.add_argument("--raw_dir", default=None, help="directory of the raw files (amazon18: default .)")
     add_common_arguments(p.add_argument_group("source stage: filters and split"))
-    amazon18.add_source_arguments(p.add_argument_group("amazon18 source (python -m preprocess amazon18 --help)"))
+    amazon18.add_source_arguments(p.add_argument_group(
+        "amazon18 / amazon23 source (python -m preprocess amazon18 --help, amazon23 --help)"))
     movielens.add_source_arguments(p.add_argument_group("movielens source (python -m preprocess movielens --help)"))
     g = p.add_argument_group("later stages")
     g.add_argument("--encoder", default="minilm", help="embed: 'minilm' or a local HF model directory")
-    g.add_argument("--sid_method", default=DEFAULT_METHOD, help="sid: rqkmeans | rqkmeans_balanced")
+    g.add_argument("--sid_method", default=DEFAULT_METHOD, choices=METHODS,
+                   help="sid: quantizer (python -m preprocess sid --help; its other options keep their defaults)")
     g.add_argument("--levels", type=int, default=3, help="sid: residual levels")
     g.add_argument("--codebook_size", type=int, default=256, help="sid: codes per level")
     g.add_argument("--caption_backend", choices=["hf", "http"], help="caption images with this backend (off if unset)")
