@@ -19,7 +19,8 @@ problem. Activates .venv if the repository has one.
                 model_name_or_path, data_dir, train_split, eval_split, max_train_rows, rewards,
                 reward_weights, retrieval_top_k, rollout_mode (sample|beam), constrained,
                 use_lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
-                lora_modules_to_save, eval_every_steps, eval_rows, eval_num_beams, eval_k, select_best.
+                lora_modules_to_save, eval_every_steps, eval_rows, eval_num_beams, eval_k, select_best,
+                trainer (grpo | recpo: RecPO on an item-head folder, examples/head/recpo_tiny.yaml), recpo.
                 `python -m mimigenrec.train_grpo --help` describes each.
   key=value     override a config field; the value is parsed as YAML
                 (max_steps=3, rewards=[rule,format], reward_weights=[1.0,0.2], use_lora=true,
@@ -39,6 +40,7 @@ Environment:
 
 Examples:
   ./trl_trainer.sh examples/rl/tiny_sample.yaml max_steps=3
+  ./trl_trainer.sh examples/head/recpo_tiny.yaml model_name_or_path=runs/head/tiny_warmup max_steps=3
   ACCELERATE_CONFIG=examples/accelerate/single_gpu.yaml ./trl_trainer.sh examples/rl/smollm2_sample.yaml
   ACCELERATE_CONFIG=examples/accelerate/ds_z3.yaml NUM_PROCESSES=8 ./trl_trainer.sh examples/rl/smollm2_sample.yaml
   # two machines x 8 GPUs, run on each with its MACHINE_RANK:

@@ -365,6 +365,12 @@ def sasrec_config(args: argparse.Namespace, loss: str):
 def build_ranker(name: str, spec: str, data: EvalData, args: argparse.Namespace, dist: Dist, device: str) -> Ranker:
     kind, _, what = spec.partition(":")
     if kind == "model":
+        from mimigenrec.models.item_head import is_head_dir
+
+        if is_head_dir(what):  # an item-head folder: one forward pass scores every item (mimigenrec.models)
+            from mimigenrec.models.head_eval import HeadRanker
+
+            return HeadRanker(name, what, data, args, device)
         return ModelRanker(name, what, data, args, device)
     before = splits_before(data.split) or ("train",)
     if what == "popularity":
@@ -586,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data_dir", required=True, help="preprocessed dataset dir (items.jsonl, inter/, id2sid.json)")
     a("--split", default="test", choices=("valid", "test"), help="rows to evaluate")
     a("--model", action="append", metavar="[NAME=]PATH",
-      help="model checkpoint dir (repeatable); NAME labels its table row (unset: the folder name)")
+      help="model checkpoint dir (repeatable); NAME labels its table row (unset: the folder name); a folder with "
+      "item_head.json is ranked by its item head (one forward pass per row) instead of beam search")
     a("--baseline", action="append", choices=BASELINE_NAMES,
       help="baseline to evaluate (repeatable); with --model and no --baseline, popularity and sasrec are added")
     a("--no_baselines", action="store_true", help="with --model, evaluate only the models")

@@ -71,6 +71,12 @@ class RLConfig(GRPOConfig):
     select_best: bool = field(
         default=True, metadata={"help": "Keep the watch point with the best held-out NDCG@eval_k (step 0 = the "
                                         "starting model included) as the final model; selection.json says which."})
+    trainer: str = field(
+        default="grpo", metadata={"help": "grpo: ConstrainedGRPOTrainer (mimigenrec.grpo); recpo: RecPO on an "
+                                          "item-head folder (mimigenrec.rl.recpo; the watch fields do not apply)."})
+    recpo: Optional[dict] = field(
+        default=None, metadata={"help": "trainer recpo: options of mimigenrec.rl.recpo.RecPOOptions, e.g. "
+                                        "{rec_loss_weight: 1.0, refresh_steps: 50, prob_weight: 0.05}."})
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -64,6 +64,12 @@ def _item_ids(dd: DataDir, id2sid: dict | None) -> list[int]:
 
 def build_trainer(cfg, callbacks: Sequence[Any] = ()):
     """Tokenizer, answer space, datasets, rewards, LoRA -> a ready :class:`ConstrainedGRPOTrainer`."""
+    if cfg.trainer == "recpo":  # the item-head GRPO stage (R2ec's RecPO)
+        from mimigenrec.rl.recpo import build_recpo_trainer
+
+        return build_recpo_trainer(cfg, callbacks)
+    if cfg.trainer != "grpo":
+        raise BadInputError(f"trainer must be grpo or recpo, got {cfg.trainer!r}")
     from datasets import Dataset
     from transformers import AutoConfig, AutoTokenizer
 

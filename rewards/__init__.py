@@ -4,7 +4,8 @@ Every reward has TRL's signature ``f(prompts=None, completions=None, completion_
 -> list[float]`` and reads its ground truth from the row's own dataset columns, which TRL passes
 as keyword lists aligned with ``completions`` (``reward_model=[{"ground_truth": ...}, ...]``,
 ``extra_info=[{"target": ..., "candidates": [...]}, ...]``). The trainer adds ``beam_rank`` in
-beam-search rollouts. Completions may be plain strings or chat messages.
+beam-search rollouts, the RecPO trainer ``head_rank`` / ``head_prob``. Completions may be plain
+strings or chat messages.
 
 Built-in rewards (one module per family):
 
@@ -18,6 +19,8 @@ format             rewards.format              1 if [<think>..</think>] + one we
 think              rewards.format              1 if a non-empty <think>..</think> precedes an answer
 candidate_choice   rewards.candidate           +1 target, 0 other candidate, -1 invalid
 retrieval_ndcg     rewards.retrieval           1/log2(rank + 2) of the target under BM25(query)
+recpo              rewards.head                0.95/log2(head_rank + 2) + 0.05 head_prob (item head)
+think_only         rewards.head                1 if the completion is one non-empty <think>..</think>
 =================  ==========================  ===================================================
 
 A reward may declare keyword-only options (e.g. ``data_dir`` for the BM25 catalog); the
@@ -45,6 +48,8 @@ _BUILTIN: dict[str, str] = {
     "think": "rewards.format:think",
     "candidate_choice": "rewards.candidate:candidate_choice",
     "retrieval_ndcg": "rewards.retrieval:retrieval_ndcg",
+    "recpo": "rewards.head:recpo",
+    "think_only": "rewards.head:think_only",
 }
 
 

@@ -1,0 +1,3 @@
+"""Model wrappers: :mod:`mimigenrec.models.item_head` (an item-scoring head on any causal LM, the R2ec
+recipe), its warm-up trainer :mod:`mimigenrec.models.head_train` and its evaluation ranker
+:mod:`mimigenrec.models.head_eval`."""
