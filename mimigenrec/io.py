@@ -341,6 +341,7 @@ class DataDir:
     id2sid = property(lambda s: s.root / "id2sid.json")
     new_tokens = property(lambda s: s.root / "new_tokens.json")
     sid_stats = property(lambda s: s.root / "sid_stats.json")
+    sid_usage = property(lambda s: s.root / "sid_usage.png")        # code usage per level (sid stage)
     captions = property(lambda s: s.root / "captions.jsonl")
     cot = property(lambda s: s.root / "cot.jsonl")
     candidates = property(lambda s: s.root / "candidates")

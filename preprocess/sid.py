@@ -14,6 +14,11 @@ items (``K_eff = min(K, n_items)``), since more centroids than points cannot be 
   each unplaced point proposes to its nearest non-full cluster, each cluster accepts its
   closest proposers up to its remaining capacity, repeat until all are placed. The final
   assignment of all items uses the same rule, so every level's cluster sizes are balanced.
+* ``rqvae``: an RQ-VAE (MLP encoder/decoder, ``L`` residual codebooks in a 32-d latent, k-means
+  init, commitment loss, dead-code re-init), trained on all items (``preprocess/sid_rqvae.py``).
+* ``rqkmeans_plus``: RQ-Kmeans+: the RQ-VAE with a residual encoder ``z = x + f(x)`` and decoder,
+  both starting as the identity, and codebooks starting as the RQ-KMeans codebooks of ``x``.
+  For both, collisions are resolved in the latent space with the same rules as below.
 
 Collisions. Items that still share a full code tuple are disambiguated (``--dedup``); in
 every group of items sharing a tuple, the item closest to its reconstruction keeps it:
@@ -34,7 +39,15 @@ and ``<d_0>..<d_m>`` up to the largest index used when the extra level exists), 
 then code number, so the vocabulary depends only on the settings, not on which codes happen
 to be used; the trie still restricts generation to real items.
 
-faiss and numpy use as many threads as ``OMP_NUM_THREADS`` allows.
+Diagnostics (``sid_stats.json`` and a printed table): per level, codes used / utilisation,
+perplexity ``exp(H)`` and entropy ``H`` (nats; ``entropy_ratio = H / ln K``) of the code
+distribution, largest and smallest bucket; the largest group of items that shared one full SID
+before the fix, the items moved to resolve collisions, and the relative reconstruction error
+``mean ||x - x̂||² / mean ||x||²`` in embedding space before and after the fix (``x̂`` = sum of the
+chosen centroids, or the decoder's output for the RQ-VAE methods). ``sid_usage.png`` plots each
+level's code counts, largest first.
+
+faiss, torch and numpy use as many threads as ``OMP_NUM_THREADS`` allows.
 """
 from __future__ import annotations
 
@@ -52,14 +65,44 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mimigenrec.io import BadInputError, DataDir, add_out_dir_argument, read_json, read_jsonl, write_json
+from mimigenrec.io import (
+    BadInputError,
+    DataDir,
+    add_out_dir_argument,
+    atomic_outputs,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 
-METHODS = ("rqkmeans", "rqkmeans_balanced")
+METHODS = ("rqkmeans", "rqkmeans_balanced", "rqvae", "rqkmeans_plus")
+KMEANS_METHODS = METHODS[:2]
+VAE_METHODS = METHODS[2:]
 DEDUP = ("reassign", "extend")
 NEW_TOKENS = ("all", "used")
 DEFAULT_PREFIXES = "a,b,c,d,e,f,g,h"
 DEFAULT_METHOD, DEFAULT_SEED = "rqkmeans_balanced", 42  # `all` uses the same
 _PREFIX_RE = re.compile(r"^[a-z]$")  # prompts.SID_TOKEN_RE matches <[a-z]_\d+>
+
+
+@dataclass
+class RQVAEConfig:
+    """Hyper-parameters of the RQ-VAE methods (``preprocess/sid_rqvae.py``; options ``--vae_*``)."""
+
+    hidden: tuple[int, ...] = (512, 256, 128)
+    latent_dim: int = 32  # ignored with residual=True (latent = input dim)
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    beta: float = 0.25  # commitment weight
+    quant_weight: float = 1.0  # codebook + commitment loss beside the reconstruction loss
+    dead_code_reinit: bool = True
+    residual: bool = False  # RQ-Kmeans+: residual encoder/decoder started at the identity
+    kmeans_niter: int = 20
+    train_size: int = 20000  # items sampled for the k-means init
+
+
+RQVAE_DEFAULTS = RQVAEConfig()
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -165,8 +208,8 @@ def residual_quantize(
     progress: bool = True,
 ) -> Quantized:
     """Residual k-means of ``emb`` (``L = levels`` codebooks of ``k`` codes, trained on a seeded sample)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if method not in KMEANS_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {KMEANS_METHODS}")
     x = np.ascontiguousarray(emb, dtype=np.float32)
     n = len(x)
     n_train = min(n, max(train_size, k))
@@ -273,7 +316,7 @@ def token(prefix: str, code: int) -> str:
 
 
 def level_usage(codes: np.ndarray, k: int) -> dict[str, Any]:
-    """How a level's codebook is used: distinct codes, cluster sizes, normalised entropy."""
+    """How a level's codebook is used: codes used, utilisation, perplexity, entropy, bucket sizes."""
     counts = np.bincount(codes, minlength=k)
     nz = counts[counts > 0]
     p = nz / nz.sum()
@@ -282,10 +325,67 @@ def level_usage(codes: np.ndarray, k: int) -> dict[str, Any]:
         "codebook_size": int(k),
         "used": len(nz),
         "utilisation": round(len(nz) / k, 4),
-        "max_cluster": int(nz.max()),
-        "min_cluster": int(nz.min()),
+        "perplexity": round(math.exp(ent), 3),
+        "entropy": round(ent, 4),
         "entropy_ratio": round(ent / math.log(k), 4) if k > 1 else 1.0,
+        "max_cluster": int(nz.max()),
+        "max_cluster_share": round(float(nz.max()) / len(codes), 4),
+        "min_cluster": int(nz.min()),
     }
+
+
+def largest_group(codes: np.ndarray) -> int:
+    """Size of the largest group of rows sharing one full code tuple."""
+    return int(np.unique(codes, axis=0, return_counts=True)[1].max()) if len(codes) else 0
+
+
+def relative_error(emb: np.ndarray, recon: np.ndarray) -> float:
+    """``mean ||x - x̂||² / mean ||x||²`` (0 when every x is 0)."""
+    x = np.asarray(emb, dtype=np.float64)
+    norm2 = float((x ** 2).sum(1).mean())
+    return round(float(((x - recon) ** 2).sum(1).mean()) / norm2, 6) if norm2 > 0 else 0.0
+
+
+def plot_usage(codes: np.ndarray, sizes: Sequence[int], path: str | os.PathLike, title: str = "") -> None:
+    """PNG of each level's code counts, largest first (one panel per level, utilisation and perplexity in its title)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes), 2.8), squeeze=False)
+    for lvl, (ax, k) in enumerate(zip(axes[0], sizes)):
+        counts = np.sort(np.bincount(codes[:, lvl], minlength=k))[::-1]
+        u = level_usage(codes[:, lvl], k)
+        ax.bar(np.arange(k), counts, width=1.0, color="C0")
+        ax.axhline(len(codes) / k, color="C3", lw=0.8, ls="--", label="uniform")
+        ax.set_title(f"level {lvl}: {u['used']}/{k} used, ppl {u['perplexity']:.0f}", fontsize=9)
+        ax.set_xlabel("code (by count)", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("items", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_outputs([path], "wb") as (f,):
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def summary_lines(stats: dict[str, Any]) -> list[str]:
+    """The printed diagnostics table of :func:`build_sids`' stats."""
+    lines = [f"{'level':>5} {'used/K':>9} {'util':>6} {'perplexity':>10} {'entropy':>7} {'H/lnK':>6} "
+             f"{'largest bucket':>15}"]
+    for lvl, u in enumerate(stats["per_level"]):
+        lines.append(f"{lvl:>5} {str(u['used']) + '/' + str(u['codebook_size']):>9} {u['utilisation']:>6.3f} "
+                     f"{u['perplexity']:>10.1f} {u['entropy']:>7.3f} {u['entropy_ratio']:>6.3f} "
+                     f"{u['max_cluster']:>7} ({100 * u['max_cluster_share']:.1f}%)")
+    r = stats["reconstruction"]
+    lines.append(f"collisions {stats['collisions_before_fix']} (largest shared SID: {stats['largest_collision_group']} "
+                 f"items), moved {stats['items_moved']} ({stats['items_reassigned']} reassigned, "
+                 f"{stats['items_extended']} extended); reconstruction error {r['relative_mse_before_fix']:.4f} "
+                 f"before the fix, {r['relative_mse']:.4f} after")
+    return lines
 
 
 @dataclass
@@ -311,9 +411,13 @@ def build_sids(
     new_tokens: str = "all",
     niter: int = 20,
     balanced_iters: int = 10,
+    vae: RQVAEConfig | None = None,
     progress: bool = True,
 ) -> SidResult:
-    """Quantize ``emb`` into unique semantic IDs (see the module docstring for every choice)."""
+    """Quantize ``emb`` into unique semantic IDs (see the module docstring for every choice).
+
+    ``vae`` is an :class:`RQVAEConfig` for the RQ-VAE methods (default settings
+    if None; its ``residual`` flag is set by the method)."""
     t0 = time.perf_counter()
     if emb.ndim != 2 or len(emb) == 0:
         raise ValueError(f"embeddings must be a non-empty 2-D array, got shape {emb.shape}")
@@ -321,6 +425,8 @@ def build_sids(
         raise ValueError("embeddings contain NaN or inf")
     if levels < 1 or codebook_size < 1:
         raise ValueError("levels and codebook_size must be >= 1")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if dedup not in DEDUP or new_tokens not in NEW_TOKENS:
         raise ValueError(f"dedup must be one of {DEDUP}, new_tokens one of {NEW_TOKENS}")
     pre = parse_prefixes(prefixes)
@@ -328,7 +434,22 @@ def build_sids(
         raise ValueError(f"need {levels + 1} token prefixes (levels + a spare for the dedup level), got {pre}")
     n = len(emb)
     k = min(codebook_size, n)
-    q = residual_quantize(emb, levels, k, method, seed, train_size, niter, balanced_iters, progress)
+    training = None
+    if method in VAE_METHODS:
+        from dataclasses import replace
+
+        from .sid_rqvae import train_rqvae
+
+        cfg = replace(vae or RQVAEConfig(), residual=method == "rqkmeans_plus", train_size=train_size,
+                      kmeans_niter=niter)
+        q = train_rqvae(emb, levels, k, cfg, seed=seed, progress=progress)
+        reconstruct, training = q.reconstruct, q.training
+    else:
+        q = residual_quantize(emb, levels, k, method, seed, train_size, niter, balanced_iters, progress)
+        books = q.codebooks
+
+        def reconstruct(c: np.ndarray) -> np.ndarray:
+            return sum(books[j][c[:, j]] for j in range(levels))
     err = (q.final_residual ** 2).sum(1)
     codes = q.codes
     before = count_collisions(codes)
@@ -344,7 +465,8 @@ def build_sids(
         vocab = [token(pre[j], c) for j, s in enumerate(sizes) for c in range(s)]
     else:
         vocab = [token(pre[j], c) for j in range(codes.shape[1]) for c in np.unique(codes[:, j])]
-    norm2 = float((np.asarray(emb, dtype=np.float64) ** 2).sum(1).mean())
+    # quantized space: the embeddings (k-means methods) or the encoder's latent (RQ-VAE methods)
+    norm2 = float((np.asarray(q.residuals[0], dtype=np.float64) ** 2).sum(1).mean())
     stats = {
         "method": method,
         "dedup": dedup,
@@ -361,10 +483,20 @@ def build_sids(
         "collisions_after_fix": 0,
         "unique_prefixes": [len(np.unique(q.codes[:, : j + 1], axis=0)) for j in range(levels)],
         "per_level": [level_usage(codes[:, j], s) for j, s in enumerate(sizes)],
+        "largest_collision_group": largest_group(q.codes),
+        "items_moved": reassigned + extended,
+        "per_level_before_fix": [level_usage(q.codes[:, j], k) for j in range(levels)],
         "relative_quantization_error": round(float(err.mean()) / norm2, 6) if norm2 > 0 else 0.0,
+        "reconstruction": {
+            "space": "embedding",
+            "relative_mse_before_fix": relative_error(emb, reconstruct(q.codes)),
+            "relative_mse": relative_error(emb, reconstruct(codes[:, :levels])),
+        },
         "n_new_tokens": len(vocab),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if training is not None:
+        stats["training"] = training
     return SidResult(codes=codes, tokens=toks, new_tokens=vocab, stats=stats)
 
 
@@ -376,13 +508,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codebook_size", type=int, default=256,
                    help="codes per level K (capped at the number of items)")
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
-                   help="plain residual k-means, or with capacity-balanced clusters at every level")
+                   help="plain residual k-means, with capacity-balanced clusters at every level, RQ-VAE, or "
+                        "RQ-Kmeans+ (RQ-VAE with residual encoder/decoder started from RQ-KMeans)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for the training sample and k-means init")
     p.add_argument("--train_size", type=int, default=20000,
                    help="items sampled (seeded) to train the codebooks; all items are then assigned")
     p.add_argument("--niter", type=int, default=20, help="k-means iterations per level")
     p.add_argument("--balanced_iters", type=int, default=10,
                    help="capacity-constrained Lloyd iterations per level (rqkmeans_balanced only)")
+    g = p.add_argument_group("rqvae / rqkmeans_plus")
+    g.add_argument("--vae_epochs", type=int, default=RQVAE_DEFAULTS.epochs, help="training epochs over all items")
+    g.add_argument("--vae_batch_size", type=int, default=RQVAE_DEFAULTS.batch_size, help="items per step")
+    g.add_argument("--vae_lr", type=float, default=RQVAE_DEFAULTS.lr, help="Adam learning rate")
+    g.add_argument("--vae_hidden", type=_int_list, default=",".join(map(str, RQVAE_DEFAULTS.hidden)),
+                   help="hidden layer widths of the encoder (the decoder mirrors them)")
+    g.add_argument("--vae_latent_dim", type=int, default=RQVAE_DEFAULTS.latent_dim,
+                   help="latent (codebook) dimension of rqvae; rqkmeans_plus keeps the input dimension")
+    g.add_argument("--vae_beta", type=float, default=RQVAE_DEFAULTS.beta, help="commitment loss weight")
+    g.add_argument("--vae_quant_weight", type=float, default=RQVAE_DEFAULTS.quant_weight,
+                   help="weight of the codebook + commitment loss beside the reconstruction loss")
+    g.add_argument("--vae_dead_code_reinit", action=argparse.BooleanOptionalAction,
+                   default=RQVAE_DEFAULTS.dead_code_reinit,
+                   help="after each epoch, re-initialise codes no item used to the worst-quantized residuals")
     p.add_argument("--dedup", choices=DEDUP, default="reassign",
                    help="collision fix: reassign = move colliding items to the nearest free last-level code "
                         "(falling back to extend where a prefix is full); extend = one more level for every item")
@@ -393,17 +540,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="recompute even if the outputs are up to date")
 
 
+def _int_list(spec: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in str(spec).split(",") if v.strip())
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive widths like 512,256,128, got {spec!r}")
+    return out
+
+
+def vae_config(args: argparse.Namespace) -> RQVAEConfig:
+    """The :class:`RQVAEConfig` of the ``--vae_*`` options."""
+    hidden = args.vae_hidden if isinstance(args.vae_hidden, tuple) else _int_list(args.vae_hidden)
+    return RQVAEConfig(hidden=hidden, latent_dim=args.vae_latent_dim, epochs=args.vae_epochs,
+                       batch_size=args.vae_batch_size, lr=args.vae_lr, beta=args.vae_beta,
+                       quant_weight=args.vae_quant_weight, dead_code_reinit=args.vae_dead_code_reinit)
+
+
+VAE_KEYS = ("vae_epochs", "vae_batch_size", "vae_lr", "vae_hidden", "vae_latent_dim", "vae_beta", "vae_quant_weight",
+            "vae_dead_code_reinit")
+
+
 def _settings(args: argparse.Namespace, emb: np.ndarray) -> dict[str, Any]:
     keys = ("levels", "codebook_size", "method", "seed", "train_size", "niter", "balanced_iters",
-            "dedup", "new_tokens")
+            "dedup", "new_tokens") + (VAE_KEYS if args.method in VAE_METHODS else ())
     s = {k: getattr(args, k) for k in keys}
+    if "vae_hidden" in s:
+        s["vae_hidden"] = list(vae_config(args).hidden)
     s["token_prefixes"] = parse_prefixes(args.token_prefixes)
     s["emb_sha256"] = hashlib.sha256(np.ascontiguousarray(emb).tobytes()).hexdigest()
     return s
 
 
 def _up_to_date(d: DataDir, settings: dict[str, Any]) -> bool:
-    outs = (d.id2sid, d.new_tokens, d.sid_stats)
+    outs = (d.id2sid, d.new_tokens, d.sid_stats, d.sid_usage)
     if not all(p.exists() for p in outs):
         return False
     if min(p.stat().st_mtime for p in outs) < d.emb.stat().st_mtime:
@@ -440,11 +611,14 @@ def run(args: argparse.Namespace) -> int:
         emb, levels=args.levels, codebook_size=args.codebook_size, method=args.method, seed=args.seed,
         train_size=args.train_size, dedup=args.dedup, prefixes=args.token_prefixes,
         new_tokens=args.new_tokens, niter=args.niter, balanced_iters=args.balanced_iters,
+        vae=vae_config(args) if args.method in VAE_METHODS else None,
     )
     id2sid = {str(i): res.tokens[i] for i in ids}
     if len({tuple(v) for v in id2sid.values()}) != len(id2sid):
         raise AssertionError("semantic IDs are not unique")
-    stats = dict(res.stats, settings=settings)
+    stats = dict(res.stats, settings=settings, usage_plot=d.sid_usage.name)
+    plot_usage(res.codes, res.stats["codebook_sizes"], d.sid_usage,
+               f"{args.method}: {len(ids)} items, {res.stats['levels']} levels")
     write_json(d.new_tokens, res.new_tokens)
     write_json(d.sid_stats, stats)
     write_json(d.id2sid, id2sid)  # last: its mtime marks the stage as done
@@ -453,4 +627,7 @@ def run(args: argparse.Namespace) -> int:
           f"{s['collisions_before_fix']} collisions before fix, {s['items_reassigned']} reassigned, "
           f"{s['items_extended']} extended, {s['n_new_tokens']} new tokens, {s['seconds']} s -> {d.id2sid}",
           file=sys.stderr)
+    for line in summary_lines(s):
+        print(f"[sid] {line}", file=sys.stderr)
+    print(f"[sid] code usage per level: {d.sid_usage}", file=sys.stderr)
     return 0

@@ -160,10 +160,10 @@ def test_all_accepts_amazon23(tmp_path):
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = p.parse_args(["--source", "amazon23", "--raw_dir", "R", "--category", "Books", "--out_dir", "O",
-                         "--start", "2022-10-01", "--sid_method", "rqkmeans"])
+                         "--start", "2022-10-01", "--sid_method", "rqvae"])
     steps = dict(plan(args))
     assert (steps["amazon23"].category, str(steps["amazon23"].start)) == ("Books", "2022-10-01")
-    assert steps["sid"].method == "rqkmeans"
+    assert steps["sid"].method == "rqvae"
 
 
 def test_item_store_is_a_mapping_on_disk(tmp_path):

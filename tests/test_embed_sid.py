@@ -182,7 +182,8 @@ def test_small_catalogue_caps_codebook():
 @pytest.mark.parametrize("method", sid.METHODS)
 def test_deterministic_under_seed(method):
     emb = _clustered(600, 12, 30, seed=5, spread=0.3)
-    kw = {"levels": 3, "codebook_size": 8, "method": method, "train_size": 400, "progress": False}
+    kw = {"levels": 3, "codebook_size": 8, "method": method, "train_size": 400, "progress": False,
+          "vae": sid.RQVAEConfig(epochs=5)}  # (ignored by the k-means methods)
     a = sid.build_sids(emb, seed=7, **kw)
     b = sid.build_sids(emb, seed=7, **kw)
     c = sid.build_sids(emb, seed=8, **kw)
