@@ -37,13 +37,16 @@ def _base36(n: int, width: int) -> str:
     return "".join(reversed(out))
 
 
-def write_synthetic(out_dir: str | Path, n_reviews: int, n_items: int, n_users: int | None = None,
-                    category: str = "Synthetic", seed: int = 0, gz: bool = False,
-                    literal_meta: bool = False, text_words: int = 30) -> tuple[Path, Path]:
-    """Write the dump; returns ``(reviews path, meta path)``."""
+def synthetic_events(n_reviews: int, n_items: int, n_users: int | None = None, seed: int = 0,
+                     ts_range: tuple[int, int] = (1_262_304_000, 1_538_352_000), user_width: int = 13,
+                     item_width: int = 9, text_words: int = 30) -> dict:
+    """The seeded content of a synthetic dump, whatever its format.
+
+    Returns ``user``/``item``/``ts`` arrays (one per review), ``order`` (reviews grouped by item, as in
+    the real 5-core files), raw ``user_ids``/``item_ids`` (``A``/``B`` + base-36 digits) and 997 texts.
+    Every user has at least 5 reviews; item popularity is Zipf-like.
+    """
     rng = np.random.default_rng(seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     n_users = n_users or max(1, n_reviews // 8)
     if n_reviews < 5 * n_users:
         raise ValueError(f"need n_reviews >= 5 * n_users ({5 * n_users})")
@@ -52,14 +55,27 @@ def write_synthetic(out_dir: str | Path, n_reviews: int, n_items: int, n_users: 
     user = np.concatenate([np.repeat(np.arange(n_users), 5), extra])
     item = (rng.zipf(1.3, n_reviews) - 1) % n_items
     item[:min(n_items, n_reviews)] = rng.permutation(n_items)[:min(n_items, n_reviews)]  # most items appear
-    ts = rng.integers(1_262_304_000, 1_538_352_000, n_reviews)  # 2010-01-01 .. 2018-10-01
+    ts = rng.integers(ts_range[0], ts_range[1], n_reviews)
     order = np.lexsort((ts, item))  # grouped by item like the real 5-core files
     # distinct, random-looking raw ids: k -> (k * odd prime + offset) mod 36^w is a bijection
     off = int(rng.integers(0, 1 << 40))
-    user_ids = [f"A{_base36((k * 1_000_003 + off) % 36 ** 13, 13)}" for k in range(n_users)]
-    item_ids = [f"B{_base36((k * 998_244_353 + off) % 36 ** 9, 9)}" for k in range(n_items)]
+    user_ids = [f"A{_base36((k * 1_000_003 + off) % 36 ** user_width, user_width)}" for k in range(n_users)]
+    item_ids = [f"B{_base36((k * 998_244_353 + off) % 36 ** item_width, item_width)}" for k in range(n_items)]
     texts = [" ".join(rng.choice(WORDS, max(1, int(rng.integers(text_words // 2, text_words * 3 // 2 + 1)))))
              for _ in range(997)]
+    return {"user": user, "item": item, "ts": ts, "order": order, "user_ids": user_ids, "item_ids": item_ids,
+            "texts": texts}
+
+
+def write_synthetic(out_dir: str | Path, n_reviews: int, n_items: int, n_users: int | None = None,
+                    category: str = "Synthetic", seed: int = 0, gz: bool = False,
+                    literal_meta: bool = False, text_words: int = 30) -> tuple[Path, Path]:
+    """Write the dump; returns ``(reviews path, meta path)``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ev = synthetic_events(n_reviews, n_items, n_users, seed, text_words=text_words)
+    user, item, ts, order = ev["user"], ev["item"], ev["ts"], ev["order"]
+    user_ids, item_ids, texts = ev["user_ids"], ev["item_ids"], ev["texts"]
     suffix = ".gz" if gz else ""
     rpath = out / f"{category}_5.json{suffix}"
     with _open(rpath) as f:
