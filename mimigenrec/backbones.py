@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -85,6 +85,57 @@ def add_item_tokens(tokenizer, model, tokens: Sequence[str]) -> int:
     return n
 
 
+def semantic_sid_vectors(id2sid: Mapping[int, Sequence[str]], item_emb) -> dict[str, "np.ndarray"]:
+    """One vector per SID token from the item text embeddings, residual by level like RQ codebooks.
+
+    Level 0: the code's vector is the mean embedding of its items; level ``l``: the mean of its
+    items' residuals after subtracting the vectors of their codes at levels ``< l``. This rebuilds
+    the residual codebooks from ``id2sid.json`` and ``item_emb.npy`` alone.
+    """
+    import numpy as np
+
+    ids = sorted(int(i) for i in id2sid)
+    res = np.asarray(item_emb, dtype=np.float64)[ids].copy()
+    sids = [list(id2sid[i]) for i in ids]
+    out: dict[str, np.ndarray] = {}
+    for level in range(max(len(s) for s in sids)):
+        rows = [r for r, s in enumerate(sids) if len(s) > level]
+        groups: dict[str, list[int]] = {}
+        for r in rows:
+            groups.setdefault(sids[r][level], []).append(r)
+        for tok, members in groups.items():
+            out[tok] = res[members].mean(0)
+            res[members] -= out[tok]
+    return out
+
+
+def init_sid_embeddings(model, tokenizer, vectors: Mapping[str, "np.ndarray"]) -> int:
+    """Set the input embedding of every SID token in ``vectors`` to its vector, projected to the
+    model width by PCA over all SID vectors and scaled to the mean norm of the other embeddings."""
+    import numpy as np
+    import torch
+
+    toks = [t for t in vectors if tokenizer.convert_tokens_to_ids(t) not in (None, tokenizer.unk_token_id)]
+    if not toks:
+        return 0
+    x = np.stack([vectors[t] for t in toks])
+    x = x - x.mean(0)
+    emb = model.get_input_embeddings().weight
+    h = emb.shape[1]
+    u, sv, vt = np.linalg.svd(x, full_matrices=False)
+    proj = x @ vt[:h].T  # [n, min(h, dims)]
+    if proj.shape[1] < h:
+        proj = np.pad(proj, ((0, 0), (0, h - proj.shape[1])))
+    ids = tokenizer.convert_tokens_to_ids(toks)
+    others = torch.ones(emb.shape[0], dtype=torch.bool)
+    others[ids] = False
+    target = float(emb[others].norm(dim=1).mean())
+    proj = proj / np.maximum(np.linalg.norm(proj, axis=1, keepdims=True), 1e-12) * target
+    with torch.no_grad():
+        emb[ids] = torch.tensor(proj, dtype=emb.dtype)
+    return len(ids)
+
+
 def build_tiny_model(
     out_dir: str | Path,
     new_tokens: Sequence[str] | None = None,
@@ -95,12 +146,14 @@ def build_tiny_model(
     seed: int = 0,
     embed_std: float = 0.5,
     phrase_tokens: bool = True,
+    sid_vectors: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
     """Write a random Qwen2 causal LM + tokenizer (ChatML template, EOS ``<|im_end|>``) to ``out_dir``.
 
     ``embed_std``: std of the (tied) embeddings; 0.02 would give near-uniform next-token
     distributions, where every beam ranking is a near-tie. ``phrase_tokens``: one token per
-    fixed prompt phrase (:func:`add_phrase_tokens`).
+    fixed prompt phrase (:func:`add_phrase_tokens`). ``sid_vectors``: initial embeddings of the
+    SID tokens (:func:`semantic_sid_vectors`), applied after ``new_tokens`` are added.
     """
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
@@ -122,6 +175,8 @@ def build_tiny_model(
         model.get_input_embeddings().weight.normal_(0.0, embed_std)
     if new_tokens:
         add_item_tokens(tok, model, new_tokens)
+    if sid_vectors:
+        init_sid_embeddings(model, tok, sid_vectors)
     model.generation_config = GenerationConfig(
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False
     )
@@ -150,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--data_dir", help="preprocessed dataset dir: its item titles join the tokenizer corpus")
     t.add_argument("--add_sid_tokens", action="store_true",
                    help="also add the dataset's new_tokens.json (LLaMA-Factory's add_tokens does this at SFT time)")
+    t.add_argument("--sid_init", choices=("random", "semantic"), default="random",
+                   help="SID token embeddings: random, or semantic = the dataset's residual code vectors rebuilt "
+                        "from id2sid.json and item_emb.npy, PCA-projected (implies --add_sid_tokens)")
     t.add_argument("--vocab_size", type=int, default=2048, help="BPE vocabulary size before added tokens")
     t.add_argument("--hidden_size", type=int, default=64, help="model width")
     t.add_argument("--num_layers", type=int, default=2, help="transformer layers")
@@ -160,13 +218,20 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--embed_std", type=float, default=0.5,
                    help="std of the tied embeddings (0.5: peaked random model for tests; 0.02: standard init, better for SFT)")
     a = p.parse_args(argv)
-    toks = None
-    if a.add_sid_tokens:
+    toks = vectors = None
+    if (a.add_sid_tokens or a.sid_init == "semantic") and not a.data_dir:
+        p.error("--add_sid_tokens / --sid_init semantic need --data_dir")
+    if a.add_sid_tokens or a.sid_init == "semantic":
         from mimigenrec.io import DataDir, read_json
 
-        toks = read_json(DataDir(a.data_dir).new_tokens)
+        d = DataDir(a.data_dir)
+        toks = read_json(d.new_tokens)
+        if a.sid_init == "semantic":
+            import numpy as np
+
+            vectors = semantic_sid_vectors(d.load_id2sid(), np.load(d.emb))
     out = build_tiny_model(a.out, toks, _titles(a.data_dir), a.vocab_size, a.hidden_size, a.num_layers, a.seed,
-                           a.embed_std, a.phrase_tokens)
+                           a.embed_std, a.phrase_tokens, vectors)
     print(json.dumps({"model": str(out)}))
 
 
