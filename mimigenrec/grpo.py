@@ -17,8 +17,9 @@ A thin subclass that overrides five hooks of ``trl.GRPOTrainer``:
   - ``use_vllm``: TRL's own vLLM path with ``vllm_guided_decoding_regex`` = an escaped
     alternation of every valid answer string; completions are mapped back to the canonical
     trie token sequence (vLLM may spell an answer with other tokens). Untested here (no GPU);
-* ``_calculate_rewards`` adds a ``beam_rank`` column (0 = best beam) in beam mode, so reward
-  functions receive ``beam_rank=[...]`` beside the dataset columns;
+* ``_calculate_rewards`` adds ``beam_rank`` (0 = best beam) and ``beam_logp`` (the beam's
+  summed answer log-prob, the ranking score) columns in beam mode, so reward functions
+  receive ``beam_rank=[...]`` and ``beam_logp=[...]`` beside the dataset columns;
 * ``_get_per_token_logps_and_entropies`` computes the log-probs of the **constrained
   policy** for the policy, the old policy and the reference model alike: at every completion
   position the logits (divided by the temperature) are masked to the tokens the trie allows
@@ -234,6 +235,7 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
         self._rows_allowed: torch.Tensor | None = None
         self._logp_allowed: torch.Tensor | None = None  # allowed mask aligned with the next log-prob calls
         self._beam_ranks: list[int] | None = None
+        self._beam_logps: list[float] | None = None
         self._tries: dict[torch.device, ItemTrie] = {}
         super().__init__(*args, **kwargs)
 
@@ -278,7 +280,7 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
         allowed = self.answer_space.allowed(inputs)
         allowed = None if allowed is None else allowed.to(device)
         self._rows, self._rows_allowed, self._logp_allowed = inputs, allowed, allowed
-        self._beam_ranks = None
+        self._beam_ranks = self._beam_logps = None
         try:
             out = super()._generate_and_score_completions(inputs)
         finally:
@@ -360,6 +362,8 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
             ids = tok(space.texts[col], add_special_tokens=False).input_ids + [tok.eos_token_id]
             seqs[g + G - 1] = self.answer_space.trie.pad_token_id
             seqs[g + G - 1, :len(ids)] = torch.tensor(ids, dtype=seqs.dtype, device=seqs.device)
+            if self._beam_logps is not None:  # not among the beams: its log-prob is at most the lowest beam's
+                self._beam_logps[g + G - 1] = min(self._beam_logps[g:g + G])
             injected += 1
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["injected_target"].append(injected / max(1, seqs.shape[0] // G))
@@ -409,6 +413,7 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
         # beam ranks are the ranks evaluate.sh would give; see constrained_beam_search(renormalize=...)
         res = constrained_beam_search(model, input_ids[::G], attn[::G], trie, num_beams=G, allowed_items=allowed)
         self._beam_ranks = list(range(G)) * (n // G)
+        self._beam_logps = res.scores.reshape(-1).tolist()
         return res.sequences.reshape(n, -1)
 
     def _vllm_rollouts(self, prompts: list):
@@ -429,9 +434,10 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ hook 3: beam ranks to rewards
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if self._beam_ranks is not None:
-            if len(self._beam_ranks) != len(inputs):
+            if len(self._beam_ranks) != len(inputs) or len(self._beam_logps) != len(inputs):
                 raise RuntimeError("beam ranks do not line up with the batch")
-            inputs = [{**row, "beam_rank": r} for row, r in zip(inputs, self._beam_ranks)]
+            inputs = [{**row, "beam_rank": r, "beam_logp": lp}
+                      for row, r, lp in zip(inputs, self._beam_ranks, self._beam_logps)]
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
     # ------------------------------------------------------------------ hook 4: constrained log-probs

@@ -4,7 +4,7 @@ Every reward has TRL's signature ``f(prompts=None, completions=None, completion_
 -> list[float]`` and reads its ground truth from the row's own dataset columns, which TRL passes
 as keyword lists aligned with ``completions`` (``reward_model=[{"ground_truth": ...}, ...]``,
 ``extra_info=[{"target": ..., "candidates": [...]}, ...]``). The trainer adds ``beam_rank`` in
-beam-search rollouts, the RecPO trainer ``head_rank`` / ``head_prob``. Completions may be plain
+beam-search rollouts (and ``beam_logp``, the beam's summed answer log-prob), the RecPO trainer ``head_rank`` / ``head_prob``. Completions may be plain
 strings or chat messages.
 
 Built-in rewards (one module per family):
@@ -15,6 +15,7 @@ name               module                      formula
 rule               rewards.sid_match           1 if the answer equals the ground truth else 0
 partial_match      rewards.sid_match           matched leading SID levels / levels of the truth
 ndcg_rank          rewards.sid_match           1 if hit else -1/log2(beam_rank + 2)
+listwise           rewards.sid_match           1[hit] - softmax(beam_logp within the group)
 format             rewards.format              1 if [<think>..</think>] + one well-formed answer
 think              rewards.format              1 if a non-empty <think>..</think> precedes an answer
 candidate_choice   rewards.candidate           +1 target, 0 other candidate, -1 invalid
@@ -44,6 +45,7 @@ _BUILTIN: dict[str, str] = {
     "rule": "rewards.sid_match:rule",
     "partial_match": "rewards.sid_match:partial_match",
     "ndcg_rank": "rewards.sid_match:ndcg_rank",
+    "listwise": "rewards.sid_match:listwise",
     "format": "rewards.format:format_reward",
     "think": "rewards.format:think",
     "candidate_choice": "rewards.candidate:candidate_choice",

@@ -71,3 +71,33 @@ def ndcg_rank(prompts=None, completions=None, completion_ids=None, beam_rank=Non
     for h, r in zip(_hits(completions, ground_truths(kwargs, len(completions))), beam_rank):
         out.append(None if h is None else (1.0 if h else -1.0 / math.log2(int(r) + 2)))
     return out
+
+
+def listwise(prompts=None, completions=None, completion_ids=None, beam_rank=None, beam_logp=None,
+             **kwargs) -> list[float | None]:
+    """r = 1[hit] - q, q = softmax of the beams' log-probs within their group (beam mode).
+
+    With ``scale_rewards: none`` the group advantages ``r_i - mean(r)`` are then exactly the
+    gradient of a listwise softmax loss over the group (the target against the model's own best
+    wrong answers, each pushed down by its probability); a row whose target already holds all of
+    the group's mass gets no push, so memorised rows are not sharpened further. A group starts at
+    ``beam_rank`` 0; ``beam_logp`` is passed by the trainer in ``rollout_mode: beam``.
+    """
+    completions = list(completions or [])
+    if beam_rank is None or beam_logp is None:
+        raise ValueError("listwise needs beam ranks and log-probs: use rollout_mode: beam")
+    if not (len(beam_rank) == len(beam_logp) == len(completions)):
+        raise ValueError(f"beam_rank/beam_logp have {len(beam_rank)}/{len(beam_logp)} values for "
+                         f"{len(completions)} completions")
+    hits = _hits(completions, ground_truths(kwargs, len(completions)))
+    starts = [i for i, r in enumerate(beam_rank) if int(r) == 0] + [len(completions)]
+    if not starts or starts[0] != 0:
+        raise ValueError("listwise: the first completion is not a group's best beam (beam_rank 0)")
+    out: list[float | None] = []
+    for a, b in zip(starts, starts[1:]):
+        lp = [float(x) for x in beam_logp[a:b]]
+        top = max(lp)
+        w = [math.exp(x - top) for x in lp]
+        z = sum(w)
+        out += [None if h is None else float(h) - wi / z for h, wi in zip(hits[a:b], w)]
+    return out

@@ -26,8 +26,8 @@ MALFORMED = ["", "   ", "<think>unclosed " + SID, "garbage text", SID + " extra"
 
 
 def test_registry_lists_all_builtins():
-    assert list_rewards() == sorted(["rule", "partial_match", "ndcg_rank", "format", "think",
-                                     "candidate_choice", "retrieval_ndcg"])
+    assert list_rewards() == sorted(["rule", "partial_match", "ndcg_rank", "listwise", "format", "think",
+                                     "candidate_choice", "retrieval_ndcg", "recpo", "think_only"])
     for name in list_rewards():
         fn = get_reward(name, data_dir="unused")
         assert fn.__name__ == name and fn.__doc__ and "r =" in fn.__doc__
@@ -81,6 +81,19 @@ def test_ndcg_rank():
     assert got == pytest.approx([-1.0, 1.0, -1 / math.log2(4), -1 / math.log2(5)])
     with pytest.raises(ValueError, match="beam"):
         call("ndcg_rank", comps, [SID] * 4)
+
+
+def test_listwise_is_hit_minus_group_softmax():
+    comps = ["<a_0><b_0><c_0>", SID, "<a_2><b_2><c_2>", SID, "<a_0><b_0><c_0>"]
+    truths = [SID] * 3 + ["<a_0><b_0><c_0>"] * 2  # two groups: ranks 0,1,2 and 0,1
+    logp = [-1.0, -2.0, -3.0, -0.5, -0.5]
+    got = call("listwise", comps, truths, beam_rank=[0, 1, 2, 0, 1], beam_logp=logp)
+    z = sum(math.exp(x) for x in logp[:3])
+    want = [-math.exp(-1) / z, 1 - math.exp(-2) / z, -math.exp(-3) / z, -0.5, 0.5]
+    assert got == pytest.approx(want)
+    assert sum(got[:3]) == pytest.approx(0.0)  # one hit per group: the advantages need no centring
+    with pytest.raises(ValueError, match="beam"):
+        call("listwise", comps, truths, beam_rank=[0, 1, 2, 0, 1])
 
 
 def test_format():
