@@ -47,6 +47,15 @@ TASKS: dict[str, dict[str, str]] = {
         "history": "title",
         "answer": "item_ref",
     },
+    "query": {
+        "instruction": (
+            "Write a short keyword search query that would find the item the user is most likely to "
+            "interact with next in the catalogue. You may reason first inside <think></think>; then "
+            "answer with the query only."
+        ),
+        "history": "title",
+        "answer": "title",
+    },
 }
 HISTORY_HEADER = "User history (oldest first):"
 CANDIDATES_HEADER = "Candidates:"
@@ -132,6 +141,80 @@ def parse_answer(completion: str) -> tuple[str | None, str]:
     if m:
         return m.group(1).strip(), m.group(2).strip()
     return None, completion.strip()
+
+
+# one think block with no nested / stray tags inside it, then the rest
+_THINK_BLOCK_RE = re.compile(r"<think>((?:(?!</?think>).)*)</think>(.*)", re.S)
+_REF_SEP_RE = re.compile(r"[\s,;]+")
+
+
+def split_reasoning(completion: str) -> tuple[str | None, str] | None:
+    """Strict split of a free-form completion: ``(reasoning or None, answer)``, or None if its tags are broken.
+
+    Well formed = an optional single leading ``<think>...</think>`` (no nested or repeated think tags)
+    followed by an answer with no think tags. Whitespace around both parts is stripped. The format
+    rewards, the answer rewards and evaluation all read completions through this one function.
+    """
+    text = completion.strip()
+    if text.startswith("<think>"):
+        m = _THINK_BLOCK_RE.fullmatch(text)
+        if m is None:
+            return None
+        reasoning, answer = m.group(1).strip(), m.group(2).strip()
+    else:
+        reasoning, answer = None, text
+    if "<think>" in answer or "</think>" in answer:
+        return None
+    return reasoning, answer
+
+
+def parse_item_refs(completion: str) -> list[int] | None:
+    """The item ids a completion's answer names, in order, or None when it is not a clean list.
+
+    Clean = the answer (after :func:`split_reasoning`) is one or more canonical ``[ITEM_<id>]``
+    references separated only by whitespace, ``,`` or ``;``, each item named once. So
+    ``"I pick [ITEM_5]"`` (extra words), ``"[ITEM_5] [ITEM_5]"`` (a repeat) and ``"[ITEM_05]"`` are None.
+    """
+    parts = split_reasoning(completion)
+    if parts is None:
+        return None
+    answer = parts[1]
+    refs = list(ITEM_REF_RE.finditer(answer))
+    if not refs or _REF_SEP_RE.sub("", ITEM_REF_RE.sub("", answer)):
+        return None
+    ids = [int(m.group(1)) for m in refs]
+    if any(m.group(0) != item_ref(i) for m, i in zip(refs, ids)) or len(set(ids)) != len(ids):
+        return None
+    return ids
+
+
+def parse_choice(completion: str, candidates: Iterable[int] | None = None) -> int | None:
+    """The one item a candidate-ranking answer chooses, or None (malformed, several items, or not a candidate).
+
+    The single parser of ``cand_rank`` answers: the ``candidate_choice`` reward and ``--think``
+    evaluation both call it, so a completion the reward pays for is one evaluation scores.
+    ``candidates=None`` accepts any item id.
+    """
+    ids = parse_item_refs(completion)
+    if ids is None or len(ids) != 1:
+        return None
+    if candidates is not None and ids[0] not in {int(c) for c in candidates}:
+        return None
+    return ids[0]
+
+
+def parse_query(completion: str) -> str | None:
+    """The search query of a ``query`` answer (after an optional ``<think>``), or None if empty or malformed.
+
+    One line of text: internal whitespace is collapsed; item references or think tags are not a query.
+    """
+    parts = split_reasoning(completion)
+    if parts is None:
+        return None
+    query = " ".join(parts[1].split())
+    if not query or ITEM_REF_RE.search(query):
+        return None
+    return query
 
 
 def build_input(

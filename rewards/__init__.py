@@ -18,7 +18,8 @@ ndcg_rank          rewards.sid_match           1 if hit else -1/log2(beam_rank +
 listwise           rewards.sid_match           1[hit] - softmax(beam_logp within the group)
 format             rewards.format              1 if [<think>..</think>] + one well-formed answer
 think              rewards.format              1 if a non-empty <think>..</think> precedes an answer
-candidate_choice   rewards.candidate           +1 target, 0 other candidate, -1 invalid
+candidate_choice   rewards.candidate           +1 target, 0 other candidate, -1 invalid (prompts.parse_choice)
+query_format       rewards.format              1 if [<think>..</think>] + a one-line query of <= 32 words
 retrieval_ndcg     rewards.retrieval           1/log2(rank + 2) of the target under BM25(query)
 recpo              rewards.head                0.95/log2(head_rank + 2) + 0.05 head_prob (item head)
 think_only         rewards.head                1 if the completion is one non-empty <think>..</think>
@@ -49,6 +50,7 @@ _BUILTIN: dict[str, str] = {
     "format": "rewards.format:format_reward",
     "think": "rewards.format:think",
     "candidate_choice": "rewards.candidate:candidate_choice",
+    "query_format": "rewards.format:query_format",
     "retrieval_ndcg": "rewards.retrieval:retrieval_ndcg",
     "recpo": "rewards.head:recpo",
     "think_only": "rewards.head:think_only",

@@ -4,7 +4,9 @@ The catalog is ``items.jsonl`` of the dataset directory (title + description of 
 its BM25 index (``bm25s``) is built once per file and cached in the process. The target is the
 ``[ITEM_n]`` ground truth, else ``extra_info.target`` (an item id). Ties are ranked
 pessimistically (every item scoring at least the target's score ranks above it), so a query
-that matches nothing gets 0.
+that matches nothing gets 0. The query is the answer part of the completion as
+:func:`mimigenrec.prompts.parse_query` reads it (a malformed completion gets 0); ``evaluate
+--task query`` scores generated queries with the same index and rank.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mimigenrec.io import DataDir, read_jsonl
-from mimigenrec.prompts import parse_answer
+from mimigenrec.prompts import parse_query
 from rewards import item_rows
 
 _LOCK = threading.Lock()
@@ -65,6 +67,20 @@ class CatalogIndex:
             return None
         return int((s >= s[row]).sum()) - 1
 
+    def ranked(self, query: str, item_id: int, n: int) -> list[int]:
+        """The top ``n`` item ids for ``query``, best first, ties ordered against ``item_id``.
+
+        Items scoring 0 are left out. Among equal scores the other items come first (then by item id),
+        so ``item_id``'s position in the list is :meth:`rank`, the rank the reward pays for.
+        """
+        if not query.strip():
+            return []
+        s = self.scores(query)
+        target_row = self.row_of.get(int(item_id), -1)
+        rows = np.flatnonzero(s > 0)
+        order = sorted(rows.tolist(), key=lambda r: (-s[r], r == target_row, int(self.item_ids[r])))
+        return [int(self.item_ids[r]) for r in order[:n]]
+
 
 def catalog_index(data_dir: str | os.PathLike) -> CatalogIndex:
     """The cached index of ``data_dir/items.jsonl`` (rebuilt if the file changed)."""
@@ -81,7 +97,7 @@ def catalog_index(data_dir: str | os.PathLike) -> CatalogIndex:
 
 def retrieval_ndcg(prompts=None, completions=None, completion_ids=None, *, data_dir=None, top_k: int = 100,
                    **kwargs) -> list[float | None]:
-    """r = 1/log2(rank + 2) if the target ranks < top_k under BM25(query = answer) else 0."""
+    """r = 1/log2(rank + 2) if the target ranks < top_k under BM25(query = parse_query(completion)) else 0."""
     if data_dir is None:
         raise ValueError("retrieval_ndcg needs the dataset directory (data_dir) holding items.jsonl")
     index = catalog_index(data_dir)
@@ -90,6 +106,7 @@ def retrieval_ndcg(prompts=None, completions=None, completion_ids=None, *, data_
         if target is None:
             out.append(None)
             continue
-        rank = index.rank(parse_answer(text)[1], target)
+        query = parse_query(text)
+        rank = None if query is None else index.rank(query, target)
         out.append(0.0 if rank is None or rank >= top_k else 1.0 / math.log2(rank + 2))
     return out

@@ -27,7 +27,7 @@ MALFORMED = ["", "   ", "<think>unclosed " + SID, "garbage text", SID + " extra"
 
 def test_registry_lists_all_builtins():
     assert list_rewards() == sorted(["rule", "partial_match", "ndcg_rank", "listwise", "format", "think",
-                                     "candidate_choice", "retrieval_ndcg", "recpo", "think_only"])
+                                     "candidate_choice", "retrieval_ndcg", "recpo", "think_only", "query_format"])
     for name in list_rewards():
         fn = get_reward(name, data_dir="unused")
         assert fn.__name__ == name and fn.__doc__ and "r =" in fn.__doc__
@@ -114,10 +114,11 @@ def test_candidate_choice():
     infos = {"target": 5, "candidates": [2, 5, 9]}
     comps = ["[ITEM_5]", "<think>[ITEM_2] or [ITEM_5]?</think>[ITEM_5]", "[ITEM_2]", "[ITEM_7]", "[ITEM_2][ITEM_5]",
              "[ITEM_5] [ITEM_5]", "", "pick five", "<think>unclosed [ITEM_5]", "I choose [ITEM_9].",
-             "<think>a</think>[ITEM_5]</think>"]
+             "<think>a</think>[ITEM_5]</think>", "I pick [ITEM_5]", " [ITEM_5]\n", "[ITEM_05]"]
     got = get_reward("candidate_choice")(completions=comps, reward_model=rm(*["[ITEM_5]"] * len(comps)),
                                          extra_info=[infos] * len(comps))
-    assert got == [1, 1, 0, -1, -1, 1, -1, -1, -1, 0, -1]
+    # extra words and repeated items are invalid (-1), exactly as evaluation counts them as misses
+    assert got == [1, 1, 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1, -1]
     # the target also comes from extra_info when the truth is not an item reference
     assert get_reward("candidate_choice")(completions=["[ITEM_5]"], reward_model=rm(SID),
                                           extra_info=[infos]) == [1]
@@ -155,3 +156,47 @@ def test_retrieval_index_built_once(catalog):
     assert retrieval.catalog_index(catalog.root) is a
     with pytest.raises(ValueError, match="data_dir"):
         get_reward("retrieval_ndcg")(completions=["x"], extra_info=[{"target": 1}])
+
+
+def test_shared_parser_cases():
+    from mimigenrec import prompts
+
+    refs = {"[ITEM_5]": [5], "<think>[ITEM_1]?</think> [ITEM_3], [ITEM_1]; [ITEM_2]": [3, 1, 2],
+            "I pick [ITEM_5]": None, "[ITEM_5] [ITEM_5]": None, "[ITEM_05]": None, "": None,
+            "<think>a</think><think>b</think>[ITEM_5]": None, "<think>unclosed [ITEM_5]": None,
+            "<think></think>[ITEM_5]": [5], "[ITEM_5]</think>": None}
+    for text, want in refs.items():
+        assert prompts.parse_item_refs(text) == want, text
+    assert prompts.parse_choice("[ITEM_5]", [2, 5]) == 5 and prompts.parse_choice("[ITEM_5]", [2]) is None
+    assert prompts.parse_choice("[ITEM_2], [ITEM_5]") is None and prompts.parse_choice("[ITEM_7]") == 7
+    assert prompts.split_reasoning("  <think> why </think>  ans ") == ("why", "ans")
+    assert prompts.split_reasoning("<think>a<think>b</think></think>x") is None
+    queries = {"<think>she likes steel</think>steel  ruler\n": "steel ruler", "caliper": "caliper",
+               "<think>only thinking</think>": None, "<think>cut off": None, "[ITEM_3]": None, "  ": None}
+    for text, want in queries.items():
+        assert prompts.parse_query(text) == want, text
+
+
+def test_query_format():
+    comps = ["steel ruler", "<think>x</think>steel ruler", "<think>x</think>", "<think>x", "[ITEM_2]",
+             " ".join(["w"] * 33), "<think>a</think>q</think>"]
+    assert get_reward("query_format")(completions=comps) == [1, 1, 0, 0, 0, 0, 0]
+
+
+def test_retrieval_reads_the_query_with_the_shared_parser(catalog):
+    # an unclosed think block is a malformed completion: 0, however well its words match
+    got = call("retrieval_ndcg", ["<think>digital caliper stainless steel", "<think>x</think>caliper"],
+               [SID] * 2, data_dir=catalog.root, extra_info=[{"target": 3}] * 2)
+    assert got == [0.0, 1.0]
+
+
+def test_ranked_list_places_the_target_at_its_reward_rank(catalog):
+    from rewards import retrieval
+
+    index = retrieval.catalog_index(catalog.root)
+    for query, target in [("brass valve", 6), ("brass valve", 5), ("steel ruler", 3), ("steel", 4),
+                          ("goggles", 3), ("", 1)]:
+        ranked = index.ranked(query, target, 10)
+        rank = index.rank(query, target)
+        assert (ranked.index(target) if target in ranked else None) == rank, (query, target)
+        assert len(set(ranked)) == len(ranked)
