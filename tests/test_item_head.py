@@ -202,6 +202,31 @@ def test_warmup_loss_falls_on_the_tiny_model(world, tmp_path, source):
         assert trainer.refresh.refreshes >= 2
 
 
+def test_warmup_resumes_and_keeps_the_best_epoch(world, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "w"
+    first = _warmup(world, out, item_source="table", num_train_epochs=3, save_strategy="epoch", eval_strategy="epoch",
+                    eval_rows=0, per_device_eval_batch_size=4, load_best_model_at_end=True,
+                    metric_for_best_model="ndcg@10")
+    evals = [h for h in first.state.log_history if "eval_ndcg@10" in h]
+    assert len(evals) == 3 and all(0 <= h["eval_ndcg@10"] <= 1 for h in evals)
+    best = first.state.best_model_checkpoint
+    assert first.state.best_metric == max(h["eval_ndcg@10"] for h in evals)
+    for name in ("model.safetensors", "item_head.safetensors"):  # the final folder is the best epoch
+        a, b = load_file(str(out / name)), load_file(str(Path(best) / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    again = _warmup(world, out, item_source="table", num_train_epochs=4, save_strategy="epoch",
+                    resume_from_checkpoint=str(out / "checkpoint-15"))
+    assert again.state.global_step == 20
+    assert [h["step"] for h in again.state.log_history if "loss" in h] == list(range(1, 21))
+    straight = tmp_path / "s"  # the same 4 epochs without the interruption end in the same weights
+    _warmup(world, straight, item_source="table", num_train_epochs=4)
+    for name in ("model.safetensors", "item_head.safetensors"):
+        a, b = load_file(str(out / name)), load_file(str(straight / name))
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+
+
 def test_sampled_negatives_loss_runs_and_covers_targets(world):
     head = make_head(world, source="table")
     head.num_negatives = 5
@@ -296,3 +321,18 @@ def test_warmup_then_recpo_through_trl_trainer_sh(world, tmp_path):
                           "--num_beams", "10", "--ks", "1,10", "--output_dir", str(out), "--quiet"]) == 0
     preds = read_jsonl(out / "predictions_recpo.jsonl")
     assert all("completion" in p and len(p["ranked"]) == 10 for p in preds)
+
+    # resume from checkpoint-2 in this process: the head's embeddings come back with the policy
+    from mimigenrec.rl_config import load_config
+    from mimigenrec.train_grpo import build_trainer, run
+
+    ckpt = tmp_path / "rl" / "checkpoint-2"
+    trainer = run(load_config(cfg, ["max_steps=3", f"resume_from_checkpoint={ckpt}", "use_cpu=true",
+                                    f"output_dir={tmp_path / 'rl2'}"]))
+    assert trainer.state.global_step == 3 and [s for s, _ in trainer.reward_history] == [2]
+    assert ItemHeadModel.from_pretrained(tmp_path / "rl2").cfg.reasoning
+    fresh = build_trainer(load_config(cfg, ["use_cpu=true"]))
+    saved = load_file(str(ckpt / "item_head.safetensors"))["item_emb"]
+    assert not torch.equal(fresh.head.item_embeddings(), saved)
+    fresh._load_from_checkpoint(str(ckpt))
+    assert torch.equal(fresh.head.item_embeddings(), saved)
