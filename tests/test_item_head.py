@@ -104,6 +104,16 @@ def test_head_ranking_through_evaluate_equals_brute_force_dot_product(world, tmp
         assert p["ranked"] == brute_ranking(head, prompt, universe)[:20]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["head"]["n_rows"] == len(rows) and metrics["_meta"]["methods"]["head"]["kind"] == "item_head"
+    # candidate ranking: the same scores, restricted to each row's candidates
+    from mimigenrec.models.head_eval import HeadRanker
+
+    args = evaluate.build_parser().parse_args(["--data_dir", str(world.data.root), "--model", str(tmp_path / "head")])
+    args.methods = [f"model:{tmp_path / 'head'}"]
+    ranker = HeadRanker("head", str(tmp_path / "head"), evaluate.load_eval_data(args), args, "cpu")
+    cands = [list(dict.fromkeys([3, 9, 1, r["target"]])) for r in rows[:3]]
+    for p, r, c in zip(ranker.predict(rows[:3], cands), rows, cands):
+        prompt = user_prompt(head.tokenizer, "sid_seq", r["history"], world.items, world.id2sid)
+        assert p["ranked"] == [i for i in brute_ranking(head, prompt, universe) if i in set(c)]
     # the head's own rank of a target agrees with its ranking
     prompt = user_prompt(head.tokenizer, "sid_seq", rows[0]["history"], world.items, world.id2sid)
     scores = head.scores(head.encode([head.user_tokens(prompt)]))

@@ -5,7 +5,8 @@ are those of the other methods (the head's ``task`` prompt from :mod:`mimigenrec
 trained with reasoning (RecPO, ``reasoning: true``), or ``--think``, first writes its reasoning
 greedily (``max_reasoning_tokens``; ``--max_new_tokens`` with ``--think``) and is then scored after it.
 Full ranking scores every item that appears in the interactions (the evaluation's universe) and keeps
-the top ``--num_beams``, like the beam search keeps its beams; candidate ranking scores the candidates.
+the top ``--num_beams``, like the beam search keeps its beams; candidate ranking (``--task cand_rank``)
+scores the row's candidates. The prompt is always the head's own (``sid_seq`` or ``title_seq2sid``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ class HeadRanker(Ranker):
 
     def __init__(self, name: str, path: str, data: EvalData, args: argparse.Namespace, device: str) -> None:
         self.name, self.path, self.data, self.args = name, path, data, args
+        if args.task not in ("sid_seq", "title_seq2sid", "cand_rank"):
+            raise bad(path, f"an item head ranks items, not task {args.task!r}",
+                      "evaluate it with --task sid_seq (full ranking) or cand_rank")
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
         self.head = ItemHeadModel.from_pretrained(check_model_dir(path), device=device, dtype=dtype).eval()
         cfg = self.head.cfg
