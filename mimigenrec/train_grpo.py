@@ -112,7 +112,7 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
             space.check_rows(train_rows, str(dd.rl(cfg.train_split)))
         space.check_rows(eval_rows, str(dd.rl(cfg.eval_split)))
 
-    beam_only = [r for r in cfg.rewards if r in ("ndcg_rank", "listwise")]
+    beam_only = [r for r in cfg.rewards if r in ("ndcg_rank", "ndcg_rank_hit", "listwise")]
     if beam_only and cfg.rollout_mode != "beam":
         raise BadInputError(f"reward {beam_only[0]} needs beam ranks: set rollout_mode: beam")
     reward_funcs = [get_reward(r, data_dir=cfg.data_dir, top_k=cfg.retrieval_top_k) for r in cfg.rewards]

@@ -15,6 +15,7 @@ name               module                      formula
 rule               rewards.sid_match           1 if the answer equals the ground truth else 0
 partial_match      rewards.sid_match           matched leading SID levels / levels of the truth
 ndcg_rank          rewards.sid_match           1 if hit else -1/log2(beam_rank + 2)
+ndcg_rank_hit      rewards.sid_match           ndcg_rank in a group that holds the target, else 0
 listwise           rewards.sid_match           1[hit] - softmax(beam_logp within the group)
 format             rewards.format              1 if [<think>..</think>] + one well-formed answer
 think              rewards.format              1 if a non-empty <think>..</think> precedes an answer
@@ -46,6 +47,7 @@ _BUILTIN: dict[str, str] = {
     "rule": "rewards.sid_match:rule",
     "partial_match": "rewards.sid_match:partial_match",
     "ndcg_rank": "rewards.sid_match:ndcg_rank",
+    "ndcg_rank_hit": "rewards.sid_match:ndcg_rank_hit",
     "listwise": "rewards.sid_match:listwise",
     "format": "rewards.format:format_reward",
     "think": "rewards.format:think",

@@ -73,6 +73,22 @@ def ndcg_rank(prompts=None, completions=None, completion_ids=None, beam_rank=Non
     return out
 
 
+def ndcg_rank_hit(prompts=None, completions=None, completion_ids=None, beam_rank=None,
+                  **kwargs) -> list[float | None]:
+    """r = ndcg_rank's value in a group that holds the target, else 0 (MiniOneRec's ranking reward).
+
+    A group without a hit then has zero variance and no gradient, so wrong beams are only pushed
+    down relative to a target the model already ranks among them. A group starts at ``beam_rank`` 0.
+    """
+    out = ndcg_rank(prompts, completions, completion_ids, beam_rank=beam_rank, **kwargs)
+    hits = _hits(list(completions or []), ground_truths(kwargs, len(out)))
+    starts = [i for i, r in enumerate(beam_rank) if int(r) == 0] + [len(out)]
+    for a, b in zip(starts, starts[1:]):
+        if not any(hits[a:b]):
+            out[a:b] = [None if v is None else 0.0 for v in out[a:b]]
+    return out
+
+
 def listwise(prompts=None, completions=None, completion_ids=None, beam_rank=None, beam_logp=None,
              **kwargs) -> list[float | None]:
     """r = 1[hit] - q, q = softmax of the beams' log-probs within their group (beam mode).

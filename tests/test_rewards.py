@@ -26,7 +26,7 @@ MALFORMED = ["", "   ", "<think>unclosed " + SID, "garbage text", SID + " extra"
 
 
 def test_registry_lists_all_builtins():
-    assert list_rewards() == sorted(["rule", "partial_match", "ndcg_rank", "listwise", "format", "think",
+    assert list_rewards() == sorted(["rule", "partial_match", "ndcg_rank", "ndcg_rank_hit", "listwise", "format", "think",
                                      "candidate_choice", "retrieval_ndcg", "recpo", "think_only", "query_format"])
     for name in list_rewards():
         fn = get_reward(name, data_dir="unused")
@@ -81,6 +81,12 @@ def test_ndcg_rank():
     assert got == pytest.approx([-1.0, 1.0, -1 / math.log2(4), -1 / math.log2(5)])
     with pytest.raises(ValueError, match="beam"):
         call("ndcg_rank", comps, [SID] * 4)
+
+
+def test_ndcg_rank_hit_zeroes_groups_without_a_hit():
+    comps = ["<a_0><b_0><c_0>", SID, "<a_2><b_2><c_2>", "<a_0><b_0><c_0>", "<a_2><b_2><c_2>"]
+    got = call("ndcg_rank_hit", comps, [SID] * 5, beam_rank=[0, 1, 2, 0, 1])
+    assert got == pytest.approx([-1.0, 1.0, -1 / math.log2(4), 0.0, 0.0])
 
 
 def test_listwise_is_hit_minus_group_softmax():
