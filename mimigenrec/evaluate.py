@@ -2,8 +2,12 @@
 
 Protocol: each row of ``inter/<split>.jsonl`` is one prediction. Full ranking ranks every
 item that appears in the interactions (items of the item table never interacted with are not
-ranked); candidate ranking ranks the row's target plus ``--num_negatives`` sampled negatives
-(seeded per row, never an earlier item of the user, cached under ``O/candidates/``).
+ranked); candidate ranking ranks the row's target plus N negatives: by default the candidate lists
+that ``preprocess build`` drew for the cand_rank rows it wrote (recorded in ``O/build_stats.json``,
+stored under ``O/candidates/``), so SFT, RL and evaluation rank the same lists; a ``--num_negatives``
+that disagrees with them is refused. ``--candidates sample`` draws ``--num_negatives`` new negatives
+per row instead (seeded per row by ``--seed``, never an earlier item of the user, cached under
+``O/candidates/``); every method of one run ranks the same lists.
 History items are NOT excluded from the ranking. A ranked list is deduplicated (first
 occurrence counts); ``rank`` = 0-based position of the target; ``HR@K = 1[rank < K]``,
 ``NDCG@K = 1/log2(rank + 2)`` if ``rank < K`` else 0; a missing target or an empty /
@@ -13,8 +17,16 @@ Models: prompts come from :mod:`mimigenrec.prompts` (the SFT template); full ran
 trie-constrained beam search over the items' semantic IDs (``--num_beams`` >= the largest K,
 length penalty 0, sampling off whatever the model's generation_config says); candidate
 ranking constrains the answer ``[ITEM_<id>]`` to the row's candidates, or, with ``--think``,
-lets the model reason greedily and parses the answer after ``</think>`` strictly (only
-candidate references may appear; duplicates removed; anything else makes the row a miss).
+lets the model reason greedily and reads its answer with :func:`mimigenrec.prompts.parse_choice`,
+the parser of the ``candidate_choice`` reward (exactly one candidate reference after an optional
+``<think>...</think>``; anything else makes the row a miss, so HR@K = HR@1 for every K there).
+
+Query generation (``--task query``, the Rec-R1 protocol): the model writes a search query
+greedily (optionally after ``<think>``), read by :func:`mimigenrec.prompts.parse_query`; BM25 over
+the item catalogue (``items.jsonl``, the index of the ``retrieval_ndcg`` reward) ranks every item
+and the target's rank is scored (ties ranked against the target, as in the reward). Baselines:
+``query_last`` (the last history item's title as the query) and ``query_history`` (every history
+title).
 
 Baselines on the same rows: ``popularity`` (interaction counts of the splits before the
 evaluated one: train, + valid for test; ties -> smaller item id) and ``sasrec``
@@ -68,8 +80,10 @@ from mimigenrec.io import (
 from mimigenrec.metrics import DEFAULT_KS, aggregate, dedupe, markdown_table, rank_by_score
 from mimigenrec.sequences import UserSequences, load_sequences, splits_before
 
-TASKS = ("sid_seq", "title_seq2sid", "cand_rank")
-BASELINE_NAMES = ("popularity", "sasrec", "sasrec_bce")
+TASKS = ("sid_seq", "title_seq2sid", "cand_rank", "query")
+QUERY_BASELINES = ("query_last", "query_history")
+BASELINE_NAMES = ("popularity", "sasrec", "sasrec_bce", *QUERY_BASELINES)
+DEFAULT_NUM_NEGATIVES = 99
 _SEP_RE = re.compile(r"[\s,;]+")
 
 
@@ -151,17 +165,29 @@ def load_eval_data(args: argparse.Namespace) -> EvalData:
         rows = [rows[i] for i in keep]
     data = EvalData(dd.root, args.split, rows, seqs, all_rows, items, universe, max(items) + 1)
     if args.task == "cand_rank":
-        from mimigenrec.candidates import cached_candidates
+        from mimigenrec.candidates import cached_candidates, inputs_digest
 
-        every = cached_candidates(dd.root, args.split, all_rows[args.split], universe, args.num_negatives, args.seed,
-                                  exclude=seqs.seqs, fallback_dir=args.output_dir)
-        by_key = {row_key(r): c for r, c in zip(all_rows[args.split], every)}
-        data.candidates = [by_key[row_key(r)] for r in rows]
+        built = getattr(args, "candidate_file", None)
+        if built:  # the lists build wrote (resolve_candidates chose them)
+            rec = read_json(built)
+            if rec.get("inputs") != inputs_digest(all_rows[args.split], universe, seqs.seqs):
+                raise bad(built, f"drawn for other {args.split} rows than {dd.inter(args.split)} holds now (the "
+                          "dataset changed after build)", f"re-run python -m preprocess build --out_dir {dd.root}")
+            by_key = rec.get("rows", {})
+            lost = [row_key(r) for r in rows if row_key(r) not in by_key]
+            if lost:
+                raise bad(built, f"no candidate list for {len(lost)} {args.split} row(s), e.g. {lost[:3]}",
+                          f"re-run python -m preprocess build --out_dir {dd.root}")
+        else:
+            every = cached_candidates(dd.root, args.split, all_rows[args.split], universe, args.num_negatives,
+                                      args.seed, exclude=seqs.seqs, fallback_dir=args.output_dir)
+            by_key = {row_key(r): c for r, c in zip(all_rows[args.split], every)}
+        data.candidates = [[int(i) for i in by_key[row_key(r)]] for r in rows]
     if uses_captions(args):
         if not dd.captions.is_file():
             raise bad(dd.captions, "missing (--captions on)", "run the caption stage, or use --captions auto")
         data.captions = dd.load_captions(items)
-    if args.task != "cand_rank" and any(not m.startswith("baseline:") for m in args.methods):
+    if args.task not in ("cand_rank", "query") and any(not m.startswith("baseline:") for m in args.methods):
         if not dd.id2sid.is_file():
             raise bad(dd.id2sid, "missing: full ranking with a model needs the semantic IDs", "run the sid stage")
         data.id2sid = dd.load_id2sid()
@@ -176,7 +202,52 @@ def data_files(args: argparse.Namespace) -> list[Path]:
     """The files of ``--data_dir`` whose content decides every prediction of this run."""
     dd = DataDir(args.data_dir)
     files = [dd.items, *(dd.inter(s) for s in ("train", "valid", "test")), dd.id2sid]
+    if getattr(args, "candidate_file", None):
+        files.append(Path(args.candidate_file))
     return files + ([dd.captions] if uses_captions(args) else [])
+
+
+def built_candidates(data_dir: str | os.PathLike, split: str) -> tuple[Path, dict] | None:
+    """``(O/build_stats.json, its "candidates" record)`` when ``build`` drew candidate lists for ``split``."""
+    path = DataDir(data_dir).root / "build_stats.json"
+    if not path.is_file():
+        return None
+    rec = read_json(path).get("candidates")
+    if not isinstance(rec, dict) or split not in (rec.get("files") or {}):
+        return None
+    return path, rec
+
+
+def resolve_candidates(args: argparse.Namespace) -> None:
+    """Decide the candidate lists of a cand_rank run: sets ``num_negatives``, ``candidate_seed`` and
+    ``candidate_file`` (build's lists) on ``args``; refuses a ``--num_negatives`` that disagrees with them."""
+    args.candidate_file = None
+    if args.task != "cand_rank":
+        args.num_negatives = args.num_negatives if args.num_negatives is not None else DEFAULT_NUM_NEGATIVES
+        args.candidate_seed = None
+        return
+    found = built_candidates(args.data_dir, args.split) if args.candidates == "build" else None
+    if found is None:
+        if args.candidates == "build":
+            n = args.num_negatives if args.num_negatives is not None else DEFAULT_NUM_NEGATIVES
+            print(f"[evaluate] note: {DataDir(args.data_dir).root / 'build_stats.json'} records no cand_rank "
+                  f"candidate lists for {args.split} (build without cand_rank in --eval_tasks/--rl_tasks?): drawing "
+                  f"{n} negatives per row (seed {args.seed}) for every method", file=sys.stderr)
+        args.num_negatives = args.num_negatives if args.num_negatives is not None else DEFAULT_NUM_NEGATIVES
+        args.candidate_seed = args.seed
+        return
+    stats, rec = found
+    n = int(rec["num_negatives"])
+    if args.num_negatives is not None and args.num_negatives != n:
+        raise bad(stats, f"build wrote the {args.split} cand_rank rows with {n} negatives per row, but "
+                  f"--num_negatives is {args.num_negatives}",
+                  f"drop --num_negatives to rank build's lists (the ones SFT and RL saw), or pass --candidates "
+                  f"sample --num_negatives {args.num_negatives} to draw new lists for every method")
+    args.num_negatives, args.candidate_seed = n, int(rec["seed"])
+    args.candidate_file = str(DataDir(args.data_dir).root / rec["files"][args.split])
+    if not Path(args.candidate_file).is_file():
+        raise bad(args.candidate_file, "missing (build_stats.json names it)",
+                  f"re-run python -m preprocess build --out_dir {DataDir(args.data_dir).root}")
 
 
 # ----------------------------------------------------------------------------- methods
@@ -187,7 +258,10 @@ def parse_items(completion: str, unit_re: re.Pattern, answer_of: Mapping[str, in
     separators (whitespace, ``,``, ``;``); every unit must name an item in ``allowed``.
     Anything else makes the whole answer a miss (``[]``); repeated items count once.
     """
-    _, answer = prompts.parse_answer(completion)
+    parts = prompts.split_reasoning(completion)
+    if parts is None:
+        return []
+    answer = parts[1]
     units = [m.group(0) for m in unit_re.finditer(answer)]
     if not units or _SEP_RE.sub("", unit_re.sub("", answer)):
         return []
@@ -248,7 +322,12 @@ class ModelRanker(Ranker):
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.task = args.task
-        if self.task == "cand_rank":
+        self.index = None
+        if self.task == "query":  # free-form query; BM25 (the retrieval_ndcg reward's index) ranks the catalogue
+            from rewards.retrieval import catalog_index
+
+            self.trie, self.index = None, catalog_index(data.data_dir)
+        elif self.task == "cand_rank":
             texts = {i: prompts.item_ref(i) for i in data.universe}
             self.trie = ItemTrie.from_texts(texts, tok)
             self.answer_of = {t: i for i, t in texts.items()}
@@ -265,7 +344,8 @@ class ModelRanker(Ranker):
             self.trie = ItemTrie.from_id2sid(sids, tok)
             self.answer_of = {prompts.sid_string(s): i for i, s in sids.items()}
             self.unit_re = re.compile(r"(?:" + prompts.SID_TOKEN_RE.pattern + r")+")
-        self.trie = self.trie.to(device)
+        if self.trie is not None:
+            self.trie = self.trie.to(device)
         self._len: dict[str, int] = {}
 
     def prompt(self, row: dict, cands: list[int] | None) -> str:
@@ -278,23 +358,39 @@ class ModelRanker(Ranker):
         return -len(row["history"])  # long prompts first: similar lengths share a batch, OOM shows early
 
     def parse(self, completion: str, cands: list[int] | None) -> list[int]:
+        if self.task == "cand_rank":  # the candidate_choice reward's parser: one candidate or a miss
+            choice = prompts.parse_choice(completion, cands)
+            return [] if choice is None else [choice]
         allowed = set(cands) if cands is not None else set(self.answer_of.values())
         return parse_items(completion, self.unit_re, self.answer_of, allowed)
 
+    def greedy(self, enc: Mapping[str, torch.Tensor]) -> list[str]:
+        """Greedy free-form completions (sampling off whatever the generation_config says), decoded."""
+        from mimigenrec.beam_search import stock_generate_kwargs
+
+        kw = stock_generate_kwargs(1, self.args.max_new_tokens, self.tok.eos_token_id, self.tok.pad_token_id)
+        kw.update(num_return_sequences=1, output_scores=False)
+        for beam_only in ("length_penalty", "early_stopping"):  # meaningless for greedy decoding
+            kw.pop(beam_only)
+        out = self.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
+        gen = out.sequences[:, enc["input_ids"].shape[1]:]
+        return self.tok.batch_decode(gen, skip_special_tokens=True)
+
     @torch.no_grad()
     def predict(self, rows, cands):
-        from mimigenrec.beam_search import constrained_beam_search, stock_generate_kwargs
+        from mimigenrec.beam_search import constrained_beam_search
 
         texts = [self.prompt(r, None if cands is None else cands[i]) for i, r in enumerate(rows)]
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        if self.task == "query":
+            out = []
+            for r, c in zip(rows, self.greedy(enc)):
+                q = prompts.parse_query(c)
+                ranked = [] if q is None else self.index.ranked(q, int(r["target"]), self.args.num_ranked)
+                out.append({"ranked": ranked, "query": q, "completion": c})
+            return out
         if self.args.think:
-            kw = stock_generate_kwargs(1, self.args.max_new_tokens, self.tok.eos_token_id, self.tok.pad_token_id)
-            kw.update(num_return_sequences=1, output_scores=False)
-            for beam_only in ("length_penalty", "early_stopping"):  # meaningless for greedy decoding
-                kw.pop(beam_only)
-            out = self.model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kw)
-            gen = out.sequences[:, enc["input_ids"].shape[1]:]
-            comps = self.tok.batch_decode(gen, skip_special_tokens=True)
+            comps = self.greedy(enc)
             return [{"ranked": self.parse(c, None if cands is None else cands[i]), "completion": c}
                     for i, c in enumerate(comps)]
         allowed = None
@@ -309,8 +405,36 @@ class ModelRanker(Ranker):
         return [{"ranked": [int(i) for i in row if i >= 0]} for row in res.items.tolist()]
 
     def describe(self):
+        if self.trie is None:
+            return {"path": self.path, "generation": "greedy", "max_new_tokens": self.args.max_new_tokens,
+                    "catalogue_items": len(self.index.item_ids)}
         return {"path": self.path, "trie_items": self.trie.num_items, "think": bool(self.args.think),
                 "beam_search": self.args.beam_search}
+
+
+class QueryBaseline(Ranker):
+    """A fixed query per row, ranked by BM25 like the model's: the last history title, or every history title."""
+
+    def __init__(self, name: str, kind: str, data: EvalData, num_ranked: int) -> None:
+        from rewards.retrieval import catalog_index
+
+        self.name, self.kind, self.data, self.num_ranked = name, kind, data, num_ranked
+        self.index = catalog_index(data.data_dir)
+
+    def query(self, row: Mapping) -> str:
+        hist = list(row["history"])[-1:] if self.kind == "query_last" else list(row["history"])
+        return " ".join(str(self.data.items[i].get("title") or "") for i in hist).strip()
+
+    def predict(self, rows, cands):
+        out = []
+        for r in rows:
+            q = self.query(r)
+            out.append({"ranked": self.index.ranked(q, int(r["target"]), self.num_ranked), "query": q})
+        return out
+
+    def describe(self):
+        return {"query": "title of the last history item" if self.kind == "query_last" else "every history title",
+                "ranker": "BM25 over items.jsonl (title + description)"}
 
 
 def warn_if_other_sids(name: str, model: str, id2sid: Path) -> None:
@@ -341,8 +465,13 @@ def method_names(args: argparse.Namespace) -> list[tuple[str, str]]:
         name, path = parse_model_spec(spec)
         out.append((name, f"model:{path}"))
     baselines = list(args.baseline or [])
+    query = getattr(args, "task", None) == "query"
     if not baselines and out and not args.no_baselines:
-        baselines = ["popularity", "sasrec"]
+        baselines = list(QUERY_BASELINES) if query else ["popularity", "sasrec"]
+    wrong = [b for b in baselines if (b in QUERY_BASELINES) != query]
+    if wrong:
+        raise bad("--baseline", f"{wrong[0]} does not rank {'queries' if query else 'this task'}",
+                  f"with --task query use {', '.join(QUERY_BASELINES)}; query baselines need --task query")
     out += [(b, f"baseline:{b}") for b in baselines]
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
@@ -372,6 +501,8 @@ def build_ranker(name: str, spec: str, data: EvalData, args: argparse.Namespace,
 
             return HeadRanker(name, what, data, args, device)
         return ModelRanker(name, what, data, args, device)
+    if what in QUERY_BASELINES:
+        return QueryBaseline(name, what, data, args.num_ranked)
     before = splits_before(data.split) or ("train",)
     if what == "popularity":
         from mimigenrec.baselines import Popularity
@@ -482,6 +613,9 @@ def check_run_config(args: argparse.Namespace, out: Path, methods: list[tuple[st
     path = out / "run_config.json"
     now = {k: getattr(args, k) for k in RESUME_KEYS}
     now["data_dir"] = str(Path(args.data_dir).resolve())
+    if args.task == "cand_rank":  # where the lists come from (other tasks keep their old settings record)
+        now["candidates"] = getattr(args, "candidates", "sample")
+        now["candidate_seed"] = getattr(args, "candidate_seed", args.seed)
     records = method_records(args, methods)
     old = read_json(path) if path.is_file() else {}
     old_methods = old.get("methods", {}) if isinstance(old, dict) else {}
@@ -493,8 +627,9 @@ def check_run_config(args: argparse.Namespace, out: Path, methods: list[tuple[st
                 _discard(out, name)
     clash = {}
     if held and old.get("settings") != now:
-        clash = {k: (old.get("settings", {}).get(k), now[k]) for k in RESUME_KEYS
-                 if old.get("settings", {}).get(k) != now[k]}
+        was = old.get("settings") or {}
+        clash = {k: (was.get(k), now.get(k)) for k in [*now, *(k for k in was if k not in now)]
+                 if was.get(k) != now.get(k)}
     stale = []
     for name, rec in records.items():
         was = old_methods.get(name)
@@ -595,10 +730,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="model checkpoint dir (repeatable); NAME labels its table row (unset: the folder name); a folder with "
       "item_head.json is ranked by its item head (one forward pass per row) instead of beam search")
     a("--baseline", action="append", choices=BASELINE_NAMES,
-      help="baseline to evaluate (repeatable); with --model and no --baseline, popularity and sasrec are added")
+      help="baseline to evaluate (repeatable); with --model and no --baseline, popularity and sasrec are added "
+      "(--task query: query_last and query_history, the only baselines of that task)")
     a("--no_baselines", action="store_true", help="with --model, evaluate only the models")
     a("--task", default="sid_seq", choices=TASKS,
-      help="sid_seq / title_seq2sid: full ranking by the next item's SID; cand_rank: pick among candidates")
+      help="sid_seq / title_seq2sid: full ranking by the next item's SID; cand_rank: pick among candidates; "
+      "query: the model writes a search query, BM25 ranks the catalogue")
     a("--num_beams", type=int, default=50, help="beams of constrained beam search = length of saved rankings; "
       "must be >= the largest K (candidate ranking caps it at the candidate count)")
     a("--beam_search", default="auto", choices=("auto", "tree", "expand", "generate"),
@@ -606,7 +743,13 @@ def build_parser() -> argparse.ArgumentParser:
       "where the model supports 4D masks) or a copied cache (expand), or stock model.generate with the trie "
       "logits processor (generate; slow, for comparison). Rankings agree up to ties")
     a("--ks", default=",".join(map(str, DEFAULT_KS)), help="cut-offs K of HR@K / NDCG@K, comma-separated")
-    a("--num_negatives", type=int, default=99, help="candidate ranking: sampled negatives per row (9 or 99 usual)")
+    a("--num_negatives", type=int, default=None,
+      help="candidate ranking: negatives per row; unset = those of build's lists (--candidates build), "
+      f"{DEFAULT_NUM_NEGATIVES} when sampling; a value that disagrees with build's lists is refused")
+    a("--candidates", default="build", choices=("build", "sample"),
+      help="candidate ranking: build = the lists preprocess build drew for its cand_rank rows (one source for SFT, "
+      "RL and evaluation; sampled with a note when build drew none for the split); sample = draw --num_negatives "
+      "negatives per row (seed --seed)")
     a("--batch_size", type=int, default=8, help="prompts per forward batch (rows per scoring batch for baselines)")
     a("--max_rows", type=int, default=0, help="evaluate a seeded random subset of this many rows (0 = all)")
     a("--seed", type=int, default=0, help="seed of row subsampling, candidate sampling and SASRec training")
@@ -614,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="auto", help="auto = cuda:LOCAL_RANK if a GPU is visible, else cpu; or e.g. cpu, cuda:1")
     a("--think", action="store_true", help="let the model reason (<think>...</think>) greedily, then parse the "
       "answer strictly instead of constraining it")
-    a("--max_new_tokens", type=int, default=512, help="--think: generation budget per row")
+    a("--max_new_tokens", type=int, default=512, help="--think and --task query: generation budget per row")
     a("--captions", default="auto", choices=("auto", "on", "off"),
       help="put image captions (O/captions.jsonl) into title views of the prompt; auto = if the file exists "
       "(must match how the SFT data was built)")
@@ -643,7 +786,7 @@ def parse_ks(args: argparse.Namespace) -> list[int]:
         raise bad("--ks", f"expected comma-separated integers, got {args.ks!r}", "e.g. --ks 1,5,10") from None
     if not ks or ks[0] < 1:
         raise bad("--ks", "needs positive integers", "e.g. --ks 1,5,10")
-    if args.task != "cand_rank" and args.num_beams < ks[-1]:
+    if args.task not in ("cand_rank", "query") and args.num_beams < ks[-1]:
         raise bad("--num_beams", f"{args.num_beams} < largest K {ks[-1]}: ranks beyond the beams are unknown",
                   f"use --num_beams {ks[-1]} or more, or smaller --ks")
     return ks
@@ -657,6 +800,8 @@ def write_metrics(args: argparse.Namespace, data: EvalData, out: Path, ks: list[
         "data_dir": str(Path(args.data_dir).resolve()), "split": args.split, "task": args.task,
         "ks": ks, "num_beams": args.num_beams,
         "num_negatives": args.num_negatives if args.task == "cand_rank" else None,
+        "candidates": (None if args.task != "cand_rank" else getattr(args, "candidate_file", None)
+                       or f"sampled (seed {getattr(args, 'candidate_seed', args.seed)})"),
         "seed": args.seed, "max_rows": args.max_rows, "n_rows": len(data.rows),
         "n_ranked_items": len(data.universe), "world_size": dist.world, "think": args.think,
         "protocol": "NDCG@K = 1/log2(rank+2) for the 0-based rank of the target if < K; HR@K = target in top K; "
@@ -664,8 +809,9 @@ def write_metrics(args: argparse.Namespace, data: EvalData, out: Path, ks: list[
         "methods": described,
     }
     write_json(out / "metrics.json", {**metrics, "_meta": meta})
-    print(f"\n{args.split} / {args.task}: {len(data.rows)} rows, "
-          f"{len(data.universe) if args.task != 'cand_rank' else args.num_negatives + 1} items ranked\n")
+    ranked = {"cand_rank": f"{args.num_negatives + 1} candidates ranked",
+              "query": "BM25 over the item catalogue"}.get(args.task, f"{len(data.universe)} items ranked")
+    print(f"\n{args.split} / {args.task}: {len(data.rows)} rows, {ranked}\n")
     print(markdown_table(metrics, ks))
     print(f"\nwrote {out / 'metrics.json'}")
 
@@ -673,6 +819,8 @@ def write_metrics(args: argparse.Namespace, data: EvalData, out: Path, ks: list[
 def evaluate(args: argparse.Namespace) -> int:
     """Run the evaluation described by ``args`` (see the module docstring)."""
     ks = parse_ks(args)
+    args.num_ranked = ks[-1]  # query task: length of the saved BM25 rankings
+    resolve_candidates(args)
     methods = method_names(args)
     args.methods = [s for _, s in methods]
     out = Path(args.output_dir)

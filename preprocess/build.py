@@ -12,7 +12,11 @@ for other items (after a source stage re-ran) are left out.
 Tasks (prompt text from mimigenrec.prompts): sid_seq (SID history -> next SID),
 title_seq2sid (title history -> next SID), sid_seq2title (SID history -> next title),
 title2sid / sid2title (item-level, training only), cand_rank (history + candidate list
-"[ITEM_id] Title" -> chosen item). Valid/test rows are built for --eval_tasks only.
+"[ITEM_id] Title" -> chosen item), query (title history -> a search query; the SFT answer is the
+target's title, RL rows carry the target item for the retrieval_ndcg reward). Valid/test rows are
+built for --eval_tasks (SFT) and --rl_tasks (RL) only. The cand_rank candidate lists of every split
+are drawn once (seeded per row) and recorded in build_stats.json ("candidates": negatives, seed and
+the O/candidates/ file per split): evaluation ranks those same lists by default.
 CoT (from the cot stage) is mixed into exactly round(cot_prob * n) of the eligible
 training rows, chosen by a seeded draw keyed by (user_id, position), never by row index.
 """
@@ -83,12 +87,15 @@ class _Builder:
     def __init__(self, args: argparse.Namespace):
         self.a = args
         self.d = DataDir(args.out_dir)
-        for path in (self.d.items, self.d.id2sid, self.d.inter("train")):
+        # title-only tasks (cand_rank, query) need no semantic IDs: the embed / sid stages may be skipped
+        used = {t for t in _csv(args.tasks) + _csv(args.eval_tasks) + _csv(args.rl_tasks) if t in prompts.TASKS}
+        self.needs_sids = any("sid" in (prompts.TASKS[t]["history"], prompts.TASKS[t]["answer"]) for t in used)
+        for path in (self.d.items, *([self.d.id2sid] if self.needs_sids else []), self.d.inter("train")):
             if not path.exists():
                 raise BadInputError(f"{path} is missing: run the earlier stages first (python -m preprocess all ...)")
         self.items = self.d.load_items()
-        self.id2sid = self.d.load_id2sid()
-        missing = [i for i in self.items if i not in self.id2sid]
+        self.id2sid = self.d.load_id2sid() if self.needs_sids or self.d.id2sid.exists() else {}
+        missing = [i for i in self.items if i not in self.id2sid] if self.needs_sids else []
         if missing:
             raise BadInputError(f"{self.d.id2sid}: {len(missing)} item(s) of items.jsonl have no SID, e.g. {missing[:5]}")
         from preprocess.cot import load_kept_cot
@@ -219,6 +226,8 @@ def sft_yaml(name: str, dataset_dir: str, model: str, tokens: list[str], lora: b
     }
     if lora:
         cfg.update({"lora_rank": 16, "lora_alpha": 32, "lora_target": "all"})
+    if not tokens:  # a dataset without SIDs adds no tokens (an empty add_tokens would add "")
+        cfg.pop("add_tokens")
     return cfg
 
 
@@ -250,7 +259,20 @@ def run(args: argparse.Namespace) -> int:
         write_json(b.d.sft(split), sft)
         write_json(b.d.rl(split), rl)
         counts[split] = {"sft": len(sft), "rl": len(rl)}
-    tokens = read_json(b.d.new_tokens)
+    cand_record = None
+    if b._cands:
+        from mimigenrec.candidates import cache_path
+
+        files = {}
+        for split in b._cands:
+            path = cache_path(b.d.root, split, args.num_negatives, args.seed)
+            if not path.is_file():
+                raise bad(path, "the candidate lists could not be written", f"make {path.parent} writable")
+            files[split] = str(path.relative_to(b.d.root))
+        cand_record = {"num_negatives": args.num_negatives, "seed": args.seed, "files": files}
+    tokens = read_json(b.d.new_tokens) if b.needs_sids or b.d.new_tokens.exists() else []
+    if not b.d.new_tokens.exists():  # no SIDs: sft.sh reads this file and adds no tokens
+        write_json(b.d.new_tokens, tokens)
     root = b.d.root.resolve()
     infos = [register(Path(d), b.name, root, args.reregister) for d in (root, args.dataset_dir) if d is not None]
     model = sft_model_path(args.sft_model, root)
@@ -267,5 +289,6 @@ def run(args: argparse.Namespace) -> int:
               "or launch with model_name_or_path=DIR")
     write_json(b.d.root / "build_stats.json", {"counts": counts, "cot_rows": n_cot, "seconds": time.time() - t0,
                                                "tasks": _csv(args.tasks), "cot_prob": args.cot_prob,
-                                               "cot_mode": args.cot_mode, "seed": args.seed})
+                                               "cot_mode": args.cot_mode, "seed": args.seed,
+                                               "candidates": cand_record})
     return 0

@@ -94,3 +94,92 @@ def test_cot_mixing_exact_and_seeded(tiny_dataset, tmp_path, mode):
 def test_missing_inputs_are_clear_errors(tmp_path, capsys):
     assert main(["build", "--out_dir", str(tmp_path / "nothing"), "--dataset_dir", str(tmp_path)]) == 2
     assert "items.jsonl is missing" in capsys.readouterr().err
+
+
+def _eval(root, out, *extra) -> int:
+    from mimigenrec import evaluate
+
+    return evaluate.main(["--data_dir", str(root), "--task", "cand_rank", "--baseline", "popularity",
+                          "--output_dir", str(out), "--ks", "1,3", "--quiet", *extra])
+
+
+def _pred_cands(out) -> dict:
+    return {(p["user_id"], p["position"]): p["candidates"]
+            for p in map(json.loads, (out / "predictions_popularity.jsonl").read_text().splitlines())}
+
+
+def test_evaluation_ranks_the_candidate_lists_build_wrote(tiny_dataset, tmp_path, capsys):
+    d = tiny_dataset
+    _build(d, tmp_path, "--tasks", "cand_rank", "--eval_tasks", "cand_rank", "--rl_tasks", "cand_rank",
+           "--num_negatives", "5", "--seed", "7")
+    rec = read_json(d.root / "build_stats.json")["candidates"]
+    assert rec["num_negatives"] == 5 and rec["seed"] == 7 and set(rec["files"]) == {"train", "valid", "test"}
+    assert _eval(d.root, tmp_path / "ev") == 0
+    rl = {(r["extra_info"]["user_id"], r["extra_info"]["position"]): r["extra_info"]["candidates"]
+          for r in read_json(d.rl("test"))}
+    assert _pred_cands(tmp_path / "ev") == rl  # one source of candidate lists for SFT, RL and evaluation
+    meta = read_json(tmp_path / "ev" / "metrics.json")["_meta"]
+    assert meta["num_negatives"] == 5 and meta["candidates"].endswith("test_n5_s7.json")
+    # the SFT test prompts list the same candidates
+    sft = read_json(d.sft("test"))
+    assert all(all(prompts.item_ref(i) in row["input"] for i in c) for row, c in zip(sft, rl.values()))
+    # a --num_negatives that disagrees with build's lists is refused, naming both ways out
+    capsys.readouterr()
+    assert _eval(d.root, tmp_path / "ev9", "--num_negatives", "9") == 2
+    err = capsys.readouterr().err
+    assert "build_stats.json" in err and "5 negatives" in err and "--candidates sample" in err
+    assert _eval(d.root, tmp_path / "ev5", "--num_negatives", "5") == 0
+    assert _pred_cands(tmp_path / "ev5") == rl
+    # --candidates sample draws other lists (here 9 negatives), the same for every method of the run
+    assert _eval(d.root, tmp_path / "s9", "--candidates", "sample", "--num_negatives", "9") == 0
+    assert all(len(c) == 10 for c in _pred_cands(tmp_path / "s9").values())
+    # a dataset rebuilt after build (other rows) makes build's lists stale: refused, not silently re-drawn
+    rows = [json.loads(x) for x in open(d.inter("test"))]
+    rows[0]["target"] = (rows[0]["target"] + 1) % 30
+    write_jsonl(d.inter("test"), rows)
+    capsys.readouterr()
+    assert _eval(d.root, tmp_path / "stale") == 2
+    assert "re-run python -m preprocess build" in capsys.readouterr().err
+
+
+def test_no_recorded_lists_samples_with_a_note(tiny_dataset, tmp_path, capsys):
+    d = tiny_dataset
+    _build(d, tmp_path, "--tasks", "sid_seq")
+    assert read_json(d.root / "build_stats.json")["candidates"] is None
+    assert _eval(d.root, tmp_path / "ev", "--num_negatives", "9") == 0
+    assert "records no cand_rank candidate lists" in capsys.readouterr().err
+    assert all(len(c) == 10 for c in _pred_cands(tmp_path / "ev").values())
+
+
+def test_query_rows_carry_the_target(tiny_dataset, tmp_path):
+    from rewards import get_reward
+
+    d = tiny_dataset
+    _build(d, tmp_path, "--tasks", "query", "--eval_tasks", "query", "--rl_tasks", "query")
+    items = d.load_items()
+    rl = read_json(d.rl("test"))
+    assert rl and all(r["extra_info"]["task"] == "query" for r in rl)
+    for r in rl:
+        assert r["reward_model"]["ground_truth"] == items[r["extra_info"]["target"]]["title"]
+        user = r["prompt"][1]["content"]
+        assert user.startswith(prompts.TASKS["query"]["instruction"])
+        assert all(items[i]["title"] in user for i in r["extra_info"]["history"])
+    # the target's own title is a query that retrieves it (the reward reads the target from extra_info)
+    got = get_reward("retrieval_ndcg", data_dir=d.root)(
+        completions=[r["reward_model"]["ground_truth"] for r in rl], reward_model=[r["reward_model"] for r in rl],
+        extra_info=[r["extra_info"] for r in rl])
+    assert all(g > 0 for g in got)
+
+
+def test_title_tasks_build_without_semantic_ids(tiny_dataset, tmp_path, capsys):
+    import yaml
+
+    d = tiny_dataset
+    d.id2sid.unlink()
+    d.new_tokens.unlink()
+    _build(d, tmp_path, "--tasks", "cand_rank,query", "--eval_tasks", "cand_rank", "--rl_tasks", "query")
+    assert read_json(d.new_tokens) == [] and read_json(d.rl("test"))
+    assert "add_tokens" not in yaml.safe_load((d.root / "sft_full.yaml").read_text())
+    capsys.readouterr()
+    assert main(["build", "--out_dir", str(d.root), "--tasks", "sid_seq"]) == 2  # a SID task still needs them
+    assert "id2sid.json is missing" in capsys.readouterr().err

@@ -169,8 +169,47 @@ def test_think_mode_parses_free_generation(data, tiny_model, tmp_path):
     assert m["tiny"]["n_rows"] == 4
     for p in read_preds(tmp_path, "tiny"):
         assert isinstance(p["completion"], str)
-        assert p["ranked"] == evaluate.parse_items(p["completion"], evaluate.prompts.ITEM_REF_RE,
-                                                   {f"[ITEM_{i}]": i for i in range(N_ITEMS)}, set(p["candidates"]))
+        choice = evaluate.prompts.parse_choice(p["completion"], p["candidates"])
+        assert p["ranked"] == ([] if choice is None else [choice])
+
+
+def test_think_scoring_agrees_with_the_candidate_choice_reward(data, tiny_model, tmp_path):
+    """The reward pays +1 exactly for the completions evaluation counts as hits (one shared parser)."""
+    from rewards import get_reward
+
+    root, _ = data
+    args = evaluate.build_parser().parse_args(["--data_dir", str(root), "--task", "cand_rank", "--think",
+                                               "--num_negatives", "9", "--output_dir", str(tmp_path)])
+    evaluate.resolve_candidates(args)
+    args.methods = ["model:x"]
+    ranker = evaluate.ModelRanker("m", str(tiny_model), evaluate.load_eval_data(args), args, "cpu")
+    cands, target = [2, 5, 9], 5
+    comps = ["[ITEM_5]", "I pick [ITEM_5]", "[ITEM_5] [ITEM_5]", "<think>[ITEM_2]?</think>[ITEM_5]", "[ITEM_2]",
+             "[ITEM_5], [ITEM_2]", "<think>no answer", "[ITEM_7]", "[ITEM_5].", "<think>x</think>[ITEM_5]</think>"]
+    reward = get_reward("candidate_choice")(completions=comps, reward_model=[{"ground_truth": "[ITEM_5]"}] * len(comps),
+                                            extra_info=[{"target": target, "candidates": cands}] * len(comps))
+    hits = [ranker.parse(c, cands)[:1] == [target] for c in comps]
+    assert [r == 1 for r in reward] == hits == [True, False, False, True, False, False, False, False, False, False]
+    assert [r == -1 for r in reward] == [ranker.parse(c, cands) == [] for c in comps]
+
+
+def test_query_task_scores_queries_by_bm25_rank(data, tiny_model, tmp_path):
+    from rewards.retrieval import catalog_index
+
+    root, _ = data
+    m = run_eval("--data_dir", root, "--task", "query", "--model", f"tiny={tiny_model}", "--max_new_tokens", "8",
+                 "--ks", "1,10,50", "--max_rows", "6", "--output_dir", tmp_path, "--device", "cpu")
+    assert list(m) == ["tiny", "query_last", "query_history", "_meta"]  # default baselines of the task
+    index = catalog_index(root)
+    for method in ("tiny", "query_last", "query_history"):
+        for p in read_preds(tmp_path, method):
+            rank = None if p["query"] is None else index.rank(p["query"], p["target"])
+            got = p["ranked"].index(p["target"]) if p["target"] in p["ranked"] else None
+            assert got == (rank if rank is not None and rank < 50 else None), (method, p)
+    last = read_preds(tmp_path, "query_last")[0]
+    assert last["query"].startswith("widget number")
+    assert evaluate.main(["--data_dir", str(root), "--task", "query", "--baseline", "popularity",
+                          "--output_dir", str(tmp_path / "x"), "--quiet"]) == 2
 
 
 def test_model_and_default_baselines_share_a_table(data, tiny_model, tmp_path, capsys):
