@@ -183,3 +183,28 @@ def test_title_tasks_build_without_semantic_ids(tiny_dataset, tmp_path, capsys):
     capsys.readouterr()
     assert main(["build", "--out_dir", str(d.root), "--tasks", "sid_seq"]) == 2  # a SID task still needs them
     assert "id2sid.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["think", "reference"])
+def test_cand_rank_cot_rows_parse_with_the_shared_parser(tiny_dataset, tmp_path, mode):
+    d = tiny_dataset
+    train = [json.loads(x) for x in open(d.inter("train"))]
+    items = d.load_items()
+    write_jsonl(d.cot, [{"user_id": r["user_id"], "position": r["position"], "input_id": input_id(r, items),
+                         "draft": "d", "reasoning": f"likes steel kinds {r['position']}", "score": 0.9,
+                         "kept": True, "hindsight": False} for r in train])
+    _build(d, tmp_path, "--tasks", "cand_rank", "--rl_tasks", "cand_rank", "--cot_prob", "0.5", "--cot_mode", mode,
+           "--cot_tasks", "cand_rank")
+    sft = read_json(d.sft("train"))
+    rl = read_json(d.rl("train"))
+    with_cot = [r for r in sft if ("<think>" in r["output"]) or (prompts.REFERENCE_HEADER in r["input"])]
+    assert len(with_cot) == round(0.5 * len(train))
+    by_prompt = {r["prompt"][1]["content"]: r for r in rl}
+    for row in sft:
+        # every SFT target (reasoning or not) is an answer the candidate_choice reward pays +1 for
+        key = row["instruction"] + "\n" + row["input"]
+        cands = [int(x) for x in prompts.ITEM_REF_RE.findall(row["input"].split(prompts.CANDIDATES_HEADER)[1])]
+        choice = prompts.parse_choice(row["output"], cands)
+        assert choice is not None and prompts.item_ref(choice) == prompts.split_reasoning(row["output"])[1]
+        if key in by_prompt:
+            assert choice == by_prompt[key]["extra_info"]["target"]

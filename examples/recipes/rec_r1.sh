@@ -32,7 +32,8 @@ STAGES=" ${STAGES:-data zero grpo eval} "
 MODEL="${MODEL:-runs/models/smollm2}"
 NICE="${NICE:-15}"
 EVAL_ROWS="${EVAL_ROWS:-200}"
-run() { echo "+ $*" >&2; /usr/bin/time -f "[time] %e s wall, %U s user: ${1} ${2:-}" nice -n "$NICE" "$@"; }
+# run at niceness NICE (absolute: a recipe started under nice is not pushed further down)
+run() { echo "+ $*" >&2; /usr/bin/time -f "[time] %e s wall, %U s user: ${1} ${2:-}" nice -n "$(( NICE > $(nice) ? NICE - $(nice) : 0 ))" "$@"; }
 has() { [[ "$STAGES" == *" $1 "* ]]; }
 step() { printf '\n=== %s ===\n' "$*"; }
 mkdir -p "$OUT"
