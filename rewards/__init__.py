@@ -17,6 +17,7 @@ partial_match      rewards.sid_match           matched leading SID levels / leve
 ndcg_rank          rewards.sid_match           1 if hit else -1/log2(beam_rank + 2)
 ndcg_rank_hit      rewards.sid_match           ndcg_rank in a group that holds the target, else 0
 listwise           rewards.sid_match           1[hit] - softmax(beam_logp within the group)
+cf_rank            rewards.collaborative       1 if hit else 1/log2(SASRec rank of the answer + 2) - 1
 format             rewards.format              1 if [<think>..</think>] + one well-formed answer
 think              rewards.format              1 if a non-empty <think>..</think> precedes an answer
 candidate_choice   rewards.candidate           +1 target, 0 other candidate, -1 invalid (prompts.parse_choice)
@@ -49,6 +50,7 @@ _BUILTIN: dict[str, str] = {
     "ndcg_rank": "rewards.sid_match:ndcg_rank",
     "ndcg_rank_hit": "rewards.sid_match:ndcg_rank_hit",
     "listwise": "rewards.sid_match:listwise",
+    "cf_rank": "rewards.collaborative:cf_rank",
     "format": "rewards.format:format_reward",
     "think": "rewards.format:think",
     "candidate_choice": "rewards.candidate:candidate_choice",

@@ -27,7 +27,7 @@ MALFORMED = ["", "   ", "<think>unclosed " + SID, "garbage text", SID + " extra"
 
 def test_registry_lists_all_builtins():
     assert list_rewards() == sorted(["rule", "partial_match", "ndcg_rank", "ndcg_rank_hit", "listwise", "format", "think",
-                                     "candidate_choice", "retrieval_ndcg", "recpo", "think_only", "query_format"])
+                                     "candidate_choice", "retrieval_ndcg", "recpo", "think_only", "query_format", "cf_rank"])
     for name in list_rewards():
         fn = get_reward(name, data_dir="unused")
         assert fn.__name__ == name and fn.__doc__ and "r =" in fn.__doc__
@@ -206,3 +206,33 @@ def test_ranked_list_places_the_target_at_its_reward_rank(catalog):
         rank = index.rank(query, target)
         assert (ranked.index(target) if target in ranked else None) == rank, (query, target)
         assert len(set(ranked)) == len(ranked)
+
+
+def test_cf_rank_is_the_sasrec_rank_of_the_answer(tmp_path):
+    """cf_rank = 1 on a hit, else 1/log2(rank + 2) - 1 with rank the answer's place among the
+    evaluated items under the SASRec reward model (the test-split baseline's, cached in DATA/baselines)."""
+    import torch
+
+    from mimigenrec import prompts
+    from mimigenrec.io import read_jsonl
+    from mimigenrec.toy_data import make_dataset
+    from rewards.collaborative import _reward_model
+
+    d = make_dataset(tmp_path / "ds")
+    id2sid = d.load_id2sid()
+    rows = list(read_jsonl(d.inter("train")))[:3]
+    items = sorted(id2sid)
+    comps = [prompts.sid_string(id2sid[r["target"]]) for r in rows] + [prompts.sid_string(id2sid[i]) for i in items[:3]]
+    infos = [{"user_id": r["user_id"], "position": r["position"], "target": r["target"]} for r in rows * 2]
+    got = call("cf_rank", comps + ["not an item"], [None] * 7, data_dir=str(d.root), extra_info=infos + [infos[0]])
+    scorer, _, universe = _reward_model(str(d.root.resolve()))
+    assert list((d.root / "baselines").glob("sasrec_ce_*.pt"))  # trained once, cached beside the data
+    s = scorer.score_rows(rows)
+    want = []
+    for k, info in enumerate(infos):
+        item = items[k - 3] if k >= 3 else info["target"]
+        rank = int((s[k % 3][universe] > s[k % 3][item]).sum())
+        want.append(1.0 if item == info["target"] else 1 / math.log2(rank + 2) - 1)
+    assert got[:6] == pytest.approx(want) and got[6] == -1.0
+    assert call("cf_rank", [comps[0]], [None], data_dir=str(d.root), extra_info=[{}]) == [None]
+    assert torch.equal(universe, torch.tensor(sorted(universe.tolist())))

@@ -1,0 +1,70 @@
+"""Collaborative reward: how a SASRec reward model ranks the answered item for this user.
+
+``cf_rank``: 1 on a hit, else 1/log2(rank + 2) - 1 with ``rank`` the answer's 0-based rank among
+the evaluated items under SASRec's scores for the row's history (so a wrong answer SASRec also likes costs
+little, a wrong answer it ranks last costs about 1). The idea is MiniOneRec's collaborative
+reward (``reward_type=sasrec``): the reward model brings the co-occurrence signal that SID
+generation learns slowly. The SASRec model is the one ``evaluate.sh --baseline sasrec`` trains for
+the test split (train interactions, early-stopped on valid) and caches in ``DATA/baselines``, so
+the reward costs no second training when the baseline has run, and it is trained once otherwise.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import torch
+
+from rewards import completion_text, extra_infos
+
+
+@functools.lru_cache(maxsize=2)
+def _reward_model(data_dir: str):
+    """``(SASRecScorer, {sid string: item id}, universe ids)`` for ``data_dir``, trained or read from its cache."""
+    from mimigenrec import prompts
+    from mimigenrec.baselines import SASRecScorer
+    from mimigenrec.io import DataDir
+    from mimigenrec.evaluate import build_parser, load_eval_data, sasrec_config, sasrec_stopping
+
+    args = build_parser().parse_args(["--data_dir", data_dir, "--split", "test", "--baseline", "sasrec",
+                                      "--output_dir", str(Path(data_dir) / "baselines")])
+    args.methods = ["baseline:sasrec"]
+    data = load_eval_data(args)
+    seqs, stop_rows, stop = sasrec_stopping(data)
+    scorer = SASRecScorer.load_or_train(data.data_dir, [data.data_dir / "baselines"], seqs, data.num_item_ids,
+                                        data.universe, stop_rows, sasrec_config(args, "ce"), progress=False,
+                                        stopping=stop)
+    sid_to_item = {prompts.sid_string(s): i for i, s in DataDir(data_dir).load_id2sid().items()}
+    return scorer, sid_to_item, torch.tensor(sorted(data.universe))
+
+
+def cf_rank(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
+            **kwargs) -> list[float | None]:
+    """r = 1 if the answer is the target, else 1/log2(SASRec rank of the answer + 2) - 1 (None without a target)."""
+    if not data_dir:
+        raise ValueError("cf_rank needs the data folder (the trainer passes data_dir)")
+    scorer, sid_to_item, universe = _reward_model(str(Path(data_dir).resolve()))
+    completions = list(completions or [])
+    infos = extra_infos(kwargs, len(completions))
+    out: list[float | None] = [None] * len(completions)
+    todo = [k for k, info in enumerate(infos) if info.get("target") is not None and "user_id" in info]
+    if not todo:
+        return out
+    keys = sorted({(int(infos[k]["user_id"]), int(infos[k]["position"])) for k in todo})
+    with torch.no_grad():
+        scores = scorer.score_rows([{"user_id": u, "position": p} for u, p in keys])
+    row_of = {key: j for j, key in enumerate(keys)}
+    for k in todo:
+        info = infos[k]
+        item = sid_to_item.get(completion_text(completions[k]).strip())
+        if item is not None and item == int(info["target"]):
+            out[k] = 1.0
+            continue
+        if item is None:  # not an item: the worst
+            out[k] = -1.0
+            continue
+        s = scores[row_of[(int(info["user_id"]), int(info["position"]))]]
+        rank = int((s[universe] > s[item]).sum())  # among the items evaluation ranks
+        out[k] = 1.0 / math.log2(rank + 2) - 1.0
+    return out
