@@ -35,8 +35,26 @@ def test_semantic_init_keeps_code_similarity(tmp_path):
                                                       - np.stack(list(vec.values())).mean(0)), dim=1)
     # PCA to 16 dims keeps (almost all of) the geometry of the code vectors
     assert torch.allclose(a @ a.T, (want @ want.T).float(), atol=0.05)
-    others = e[: tok.convert_tokens_to_ids("<a_0>")].norm(dim=1).mean()
-    assert torch.allclose(e[tok.convert_tokens_to_ids(toks)].norm(dim=1), others.expand(len(toks)), rtol=1e-4)
+    plain = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "p", new_tokens=toks, hidden_size=16,
+                                                                  embed_std=0.02)).get_input_embeddings().weight
+    ids = tok.convert_tokens_to_ids(toks)
+    norm = plain[ids].detach().norm(dim=1).mean()  # the semantic vectors keep the scale of the plain init
+    assert torch.allclose(e[ids].norm(dim=1), norm.expand(len(toks)), rtol=1e-4)
+
+
+def test_added_sid_tokens_start_like_llamafactory_adds_them(tmp_path):
+    """mean of the old rows + N(0, 1/hidden): the scale LLaMA-Factory gives tokens it adds, not the old rows' 0.02."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    toks = [f"<a_{k}>" for k in range(256)]
+    path = build_tiny_model(tmp_path / "m", new_tokens=toks, hidden_size=64, embed_std=0.02)
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    e = model.get_input_embeddings().weight.detach()
+    ids = tok.convert_tokens_to_ids(toks)
+    old = e[: min(ids)]
+    new = e[ids] - old.mean(0)
+    assert abs(float(new.std()) - 64 ** -0.5) < 0.01 and abs(float(old.std()) - 0.02) < 0.002
+    assert len(tok) == e.shape[0]
 
 
 def test_each_fixed_phrase_is_one_token(tmp_path):
