@@ -9,7 +9,7 @@ Amazon-2018 category: ``<NAME>_5.json[.gz]`` / ``<NAME>.json[.gz]`` + ``meta_<NA
 The default recipe, every stage through the project's public commands as subprocesses, so the
 figures are what a user gets:
 
-1. ``python -m preprocess all ... --tasks sid_seq`` (RQ-KMeans SIDs, leave-one-out);
+1. ``python -m preprocess all ... --tasks sid_seq`` (balanced RQ-KMeans SIDs or ``--sid_method``, leave-one-out);
 2. ``python -m mimigenrec.backbones tiny`` (random Qwen2, 4 layers x 128, one token per fixed
    prompt phrase);
 3. ``bash sft.sh examples/sft/tiny_full.yaml`` (stock LLaMA-Factory, the answer trained, rows of
@@ -87,11 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--sft_lr", type=float, default=3e-3, help="SFT peak learning rate (default: %(default)s)")
     a("--select_rows", type=int, default=1000,
       help="valid rows scoring each SFT checkpoint (0 = all valid rows; default: %(default)s)")
-    a("--grpo_steps", type=int, default=600, help="GRPO steps on the chosen SFT checkpoint (default: %(default)s)")
+    a("--grpo_steps", type=int, default=600,
+      help="GRPO steps on the chosen SFT checkpoint (0 = no GRPO stage and no tiny_grpo row; default: %(default)s)")
     a("--grpo_lr", type=float, default=None, help="GRPO learning rate (default: examples/rl/tiny_beam.yaml's)")
     a("--grpo_eval_every", type=int, default=50, help="GRPO steps between valid NDCG@10 points (default: %(default)s)")
     a("--tiny_hidden", type=int, default=128, help="width of the tiny random Qwen2 (default: %(default)s)")
     a("--tiny_layers", type=int, default=4, help="layers of the tiny random Qwen2 (default: %(default)s)")
+    a("--sid_method", choices=("rqkmeans_balanced", "rqkmeans", "rqvae", "rqkmeans_plus"), default="rqkmeans_balanced",
+      help="semantic-ID method of preprocessing (another than the default names the run <dataset>_<method>; "
+           "default: %(default)s)")
     a("--sid_init", choices=("random", "semantic"), default="random",
       help="SID token embeddings of the tiny model (default: %(default)s)")
     a("--eval_rows", type=int, default=0,
@@ -117,16 +121,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def dataset_spec(a: argparse.Namespace) -> dict:
     """Source, raw dir, extra preprocess flags, output name and label of the chosen dataset."""
+    suffix = "" if a.sid_method == "rqkmeans_balanced" else f"_{a.sid_method}"
     if a.dataset:
         spec = dict(DATASETS[a.dataset])
-        spec["name"] = a.name or spec["name"]
-        return spec
-    raw = Path(a.raw_dir)
-    if not raw.is_dir():
-        sys.exit(f"[quality] --raw_dir {raw}: not a folder")
-    return {"name": a.name or a.category, "source": "amazon18", "raw_dir": str(raw.resolve()),
-            "extra": ["--category", a.category],
-            "label": f"Amazon-2018 {a.category} ({raw}, --kcore 0)"}
+        spec["name"] = a.name or spec["name"] + suffix
+    else:
+        raw = Path(a.raw_dir)
+        if not raw.is_dir():
+            sys.exit(f"[quality] --raw_dir {raw}: not a folder")
+        spec = {"name": a.name or a.category + suffix, "source": "amazon18", "raw_dir": str(raw.resolve()),
+                "extra": ["--category", a.category], "label": f"Amazon-2018 {a.category} ({raw}, --kcore 0)"}
+    if suffix:
+        spec["label"] += f", SIDs by {a.sid_method}"
+    return spec
 
 
 class Runner:
@@ -249,7 +256,8 @@ def pipeline(a: argparse.Namespace) -> dict:
     raw = fetch_raw_dir(spec)
     r.run("preprocess", [py, "-m", "preprocess", "all", "--source", spec["source"], "--raw_dir", raw,
                          *spec["extra"], "--out_dir", str(data), "--kcore", "0", "--split", "loo",
-                         "--name", spec["name"], "--tasks", "sid_seq", "--seed", str(a.seed)])
+                         "--name", spec["name"], "--tasks", "sid_seq", "--seed", str(a.seed),
+                         *(["--sid_method", a.sid_method] if a.sid_method != "rqkmeans_balanced" else [])])
     r.run("backbone", [py, "-m", "mimigenrec.backbones", "tiny", "--out", str(models / "tiny"),
                        "--data_dir", str(data), "--hidden_size", str(a.tiny_hidden),
                        "--num_layers", str(a.tiny_layers), "--embed_std", "0.02", "--sid_init", a.sid_init,
@@ -267,15 +275,17 @@ def pipeline(a: argparse.Namespace) -> dict:
                          "--run_dir", str(models / "tiny_sft"), "--max_rows", str(a.select_rows),
                          "--seed", str(a.seed)], after=("preprocess", "sft_tiny"))
     grpo_env = {"ACCELERATE_CONFIG": "examples/accelerate/single_gpu.yaml"} if cuda else {}
-    r.run("grpo_tiny", ["bash", "trl_trainer.sh", "examples/rl/tiny_beam.yaml",
-                        f"model_name_or_path={models / 'tiny_sft'}", f"data_dir={data}",
-                        f"output_dir={models / 'tiny_grpo'}", f"max_steps={a.grpo_steps}",
-                        f"eval_every_steps={a.grpo_eval_every}",
-                        *([f"learning_rate={a.grpo_lr:g}"] if a.grpo_lr else []),
-                        *(["bf16=true", "use_cpu=false"] if cuda else [])], env=grpo_env,
-          after=("preprocess", "sft_tiny", "select_sft"), fresh=ROOT / models / "tiny_grpo")
-    llms = {"tiny_sft": models / "tiny_sft", "tiny_grpo": models / "tiny_grpo"}
-    trained = {"tiny_sft": "select_sft", "tiny_grpo": "grpo_tiny"}
+    llms = {"tiny_sft": models / "tiny_sft"}
+    trained = {"tiny_sft": "select_sft"}
+    if a.grpo_steps > 0:
+        llms["tiny_grpo"], trained["tiny_grpo"] = models / "tiny_grpo", "grpo_tiny"
+        r.run("grpo_tiny", ["bash", "trl_trainer.sh", "examples/rl/tiny_beam.yaml",
+                            f"model_name_or_path={models / 'tiny_sft'}", f"data_dir={data}",
+                            f"output_dir={models / 'tiny_grpo'}", f"max_steps={a.grpo_steps}",
+                            f"eval_every_steps={a.grpo_eval_every}",
+                            *([f"learning_rate={a.grpo_lr:g}"] if a.grpo_lr else []),
+                            *(["bf16=true", "use_cpu=false"] if cuda else [])], env=grpo_env,
+                  after=("preprocess", "sft_tiny", "select_sft"), fresh=ROOT / models / "tiny_grpo")
     for spec_x in a.extra_model:
         name, _, path = spec_x.partition("=")
         if not name or not path:
@@ -316,11 +326,11 @@ def pipeline(a: argparse.Namespace) -> dict:
         f"cpu (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores visible)",
         "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_lr", "select_rows", "grpo_steps",
                                                  "grpo_lr", "grpo_eval_every", "tiny_hidden", "tiny_layers",
-                                                 "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
+                                                 "sid_method", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
         | ({"smollm2_sft_steps": a.smollm2_sft_steps, "smollm2_eval_rows": a.smollm2_eval_rows} if a.smollm2 else {}),
         "data_stats": {k: stats[k] for k in ("users", "items", "interactions", "rows") if k in stats},
         "training": {"tiny_sft": sft_result(ROOT / models / "tiny_sft"),
-                     "tiny_grpo": grpo_result(ROOT / models / "tiny_grpo"),
+                     **({"tiny_grpo": grpo_result(ROOT / models / "tiny_grpo")} if a.grpo_steps > 0 else {}),
                      **({"smollm2_sft": sft_result(ROOT / models / "smollm2_sft")} if a.smollm2 else {})},
         "tables": tables,
         "stage_seconds": r.seconds, "stage_notes": r.notes, "commands": r.commands,
@@ -370,13 +380,15 @@ def fmt_num(x, digits: int = 3) -> str:
 
 
 def training_lines(res: dict) -> list[str]:
-    s, sft, grpo = res["settings"], res["training"]["tiny_sft"], res["training"]["tiny_grpo"]
+    s, sft, grpo = res["settings"], res["training"]["tiny_sft"], res["training"].get("tiny_grpo")
     out = [f"Tiny model: random Qwen2, {s['tiny_layers']} layers x {s['tiny_hidden']} wide, SID embeddings "
            f"{s['sid_init']}. SFT {sft.get('global_step')} steps = {fmt_num(sft.get('epochs'), 2)} epochs "
            f"(mean train loss {fmt_num(sft.get('train_loss'))}); kept "
            f"{sft.get('selected')} (epoch {sft.get('selected_epoch')}) by valid NDCG@10 on {s['select_rows'] or 'all'} "
            "rows:", "", "| checkpoint | valid NDCG@10 | s.e. |", "|---|---|---|"]
     out += [f"| {c['checkpoint']} | {c['ndcg@10']:.4f} | {c['ndcg@10_se']:.4f} |" for c in sft.get("selection") or []]
+    if grpo is None:
+        return out + ["", "No GRPO stage (--grpo_steps 0).", ""]
     sel = grpo.get("selection") or {}
     z = grpo.get("frac_reward_zero_std")
     out += ["", f"GRPO {s['grpo_steps']} steps; zero-variance groups {fmt_num(z * 100 if z is not None else None, 1)}%; "
