@@ -161,12 +161,13 @@ def sft_inputs(cfg: dict) -> dict[str, Any]:
 
 
 def trained_sids(model_dir: str | Path) -> list[str] | None:
-    """Digests of the id2sid.json files a model was fine-tuned with (from the ``sft.sh`` record in its
-    folder, or its parent for a ``checkpoint-N``); None when there is no record."""
+    """Digests of the id2sid.json files a model was fine-tuned with (from the ``sft.sh`` or
+    ``trl_trainer.sh`` record in its folder, or its parent for a ``checkpoint-N``); None when there is no record."""
     d = Path(model_dir)
     for rec in (d / INPUTS_FILE, d.parent / INPUTS_FILE if d.name.startswith("checkpoint-") else None):
         if rec is not None and rec.is_file():
-            return list(_read_json(rec, "inputs record").get("sids") or []) or None
+            sids = _read_json(rec, "inputs record").get("sids") or []
+            return ([sids] if isinstance(sids, str) else list(sids)) or None  # trl_trainer.sh records one digest
     return None
 
 

@@ -82,3 +82,15 @@ def test_select_checkpoint_refuses_test_and_a_missing_run(run_dir, tmp_path, cap
         select_checkpoint.main(["--data_dir", str(d.root), "--run_dir", str(run), "--split", "test"])
     assert select_checkpoint.main(["--data_dir", str(d.root), "--run_dir", str(tmp_path / "nope")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_a_grpo_folder_is_not_taken_for_a_model_of_other_sids(tmp_path):
+    """trl_trainer.sh records one id2sid digest (a string), sft.sh a list: both read as the digests."""
+    from mimigenrec.sft_config import INPUTS_FILE, trained_sids
+
+    (tmp_path / "grpo").mkdir()
+    (tmp_path / "grpo" / INPUTS_FILE).write_text(json.dumps({"sids": "b9c2c1a8dd8b1493d26986afc4915d8a"}))
+    assert trained_sids(tmp_path / "grpo") == ["b9c2c1a8dd8b1493d26986afc4915d8a"]
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / INPUTS_FILE).write_text(json.dumps({"sids": ["x", "y"]}))
+    assert trained_sids(tmp_path / "sft") == ["x", "y"]
