@@ -9,7 +9,8 @@ Amazon-2018 category: ``<NAME>_5.json[.gz]`` / ``<NAME>.json[.gz]`` + ``meta_<NA
 The default recipe, every stage through the project's public commands as subprocesses, so the
 figures are what a user gets:
 
-1. ``python -m preprocess all ... --tasks sid_seq`` (balanced RQ-KMeans SIDs or ``--sid_method``, leave-one-out);
+1. ``python -m preprocess all ... --tasks sid_seq --sid_method rqvae`` (RQ-VAE SIDs: the best of the four
+   methods on valid, README; leave-one-out);
 2. ``python -m mimigenrec.backbones tiny`` (random Qwen2, 4 layers x 128, one token per fixed
    prompt phrase);
 3. ``bash sft.sh examples/sft/tiny_full.yaml`` (stock LLaMA-Factory, the answer trained, rows of
@@ -93,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--grpo_eval_every", type=int, default=50, help="GRPO steps between valid NDCG@10 points (default: %(default)s)")
     a("--tiny_hidden", type=int, default=128, help="width of the tiny random Qwen2 (default: %(default)s)")
     a("--tiny_layers", type=int, default=4, help="layers of the tiny random Qwen2 (default: %(default)s)")
-    a("--sid_method", choices=("rqkmeans_balanced", "rqkmeans", "rqvae", "rqkmeans_plus"), default="rqkmeans_balanced",
+    a("--sid_method", choices=("rqvae", "rqkmeans_balanced", "rqkmeans", "rqkmeans_plus"), default="rqvae",
       help="semantic-ID method of preprocessing (another than the default names the run <dataset>_<method>; "
            "default: %(default)s)")
     a("--sid_init", choices=("random", "semantic"), default="random",
@@ -121,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def dataset_spec(a: argparse.Namespace) -> dict:
     """Source, raw dir, extra preprocess flags, output name and label of the chosen dataset."""
-    suffix = "" if a.sid_method == "rqkmeans_balanced" else f"_{a.sid_method}"
+    suffix = "" if a.sid_method == "rqvae" else f"_{a.sid_method}"
     if a.dataset:
         spec = dict(DATASETS[a.dataset])
         spec["name"] = a.name or spec["name"] + suffix
@@ -256,8 +257,8 @@ def pipeline(a: argparse.Namespace) -> dict:
     raw = fetch_raw_dir(spec)
     r.run("preprocess", [py, "-m", "preprocess", "all", "--source", spec["source"], "--raw_dir", raw,
                          *spec["extra"], "--out_dir", str(data), "--kcore", "0", "--split", "loo",
-                         "--name", spec["name"], "--tasks", "sid_seq", "--seed", str(a.seed),
-                         *(["--sid_method", a.sid_method] if a.sid_method != "rqkmeans_balanced" else [])])
+                         "--name", spec["name"], "--tasks", "sid_seq", "--sid_method", a.sid_method,
+                         "--seed", str(a.seed)])
     r.run("backbone", [py, "-m", "mimigenrec.backbones", "tiny", "--out", str(models / "tiny"),
                        "--data_dir", str(data), "--hidden_size", str(a.tiny_hidden),
                        "--num_layers", str(a.tiny_layers), "--embed_std", "0.02", "--sid_init", a.sid_init,

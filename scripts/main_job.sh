@@ -27,7 +27,7 @@ step() { printf '\n=== %s ===\n' "$*"; }
 
 step "1/6 preprocess $RAW -> $O"
 "$PY" -m preprocess all --source amazon18 --raw_dir "$RAW" --category "$NAME" \
-  --out_dir "$O" --kcore 0 --split loo --name "$NAME" --tasks sid_seq
+  --out_dir "$O" --kcore 0 --split loo --name "$NAME" --tasks sid_seq --sid_method rqvae
 
 step "2/6 tiny backbone (4 layers x 128, from scratch) -> $RUNS/models/tiny"
 rm -rf "$RUNS/models/tiny" "$RUNS/sft" "$RUNS/grpo"
