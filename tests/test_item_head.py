@@ -201,7 +201,7 @@ def test_warmup_loss_falls_on_the_tiny_model(world, tmp_path, source):
                       learning_rate=lr, item_pooling="mean")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     n_items = len(world.items)
-    assert losses[0] == pytest.approx(math.log(n_items), abs=0.05)  # step 1: uniform over the catalogue
+    assert losses[0] > math.log(n_items) - 0.1  # step 1 knows nothing: no better than uniform over the catalogue
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     before = train_loss(make_head(world, source=source, temperature=1.0, pooling="mean"), world)
     head = ItemHeadModel.from_pretrained(tmp_path / "w")
