@@ -71,6 +71,9 @@ class RLConfig(GRPOConfig):
     select_best: bool = field(
         default=True, metadata={"help": "Keep the watch point with the best held-out NDCG@eval_k (step 0 = the "
                                         "starting model included) as the final model; selection.json says which."})
+    select_min_se: float = field(
+        default=2.0, metadata={"help": "select_best: a later point replaces step 0 only when its paired gain over "
+                                       "step 0 is at least this many standard errors (0 = the plain best point)."})
     trainer: str = field(
         default="grpo", metadata={"help": "grpo: ConstrainedGRPOTrainer (mimigenrec.grpo); recpo: RecPO on an "
                                           "item-head folder (mimigenrec.rl.recpo; the watch fields do not apply)."})

@@ -132,7 +132,7 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
     if eval_rows and space is not None:
         trainer.watch = RewardWatch(trainer, eval_rows, every=cfg.eval_every_steps, k=cfg.eval_k,
                                     num_beams=cfg.eval_num_beams, batch_size=cfg.per_device_eval_batch_size,
-                                    select_best=cfg.select_best)
+                                    select_best=cfg.select_best, min_se=cfg.select_min_se)
         trainer.add_callback(trainer.watch)
     return trainer
 

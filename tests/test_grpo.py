@@ -378,7 +378,10 @@ def test_three_step_run_changes_weights_and_resumes(world):
     assert all(p["eval_rows"] == 6 and "ndcg@10_se" in p and "hr@10" in p for p in watch)
     assert "ndcg@10_delta_vs_step0" in watch[-1]
     sel = json.loads((out / "selection.json").read_text())
-    best = max(watch, key=lambda p: p["ndcg@10"])  # first of equals: selection keeps the earliest best
+    # the best point among step 0 and those beating it by >= 2 s.e. of the paired change (first of equals)
+    eligible = [p for p in watch if p["step"] == 0 or (p["ndcg@10_delta_vs_step0"] > 0 and
+                                                       p["ndcg@10_delta_vs_step0"] >= 2 * p["ndcg@10_delta_se"])]
+    best = max(eligible, key=lambda p: p["ndcg@10"])
     assert sel["selected_step"] == best["step"] and sel["final_step"] == 3
     kept = out / "best_valid" if best["step"] != 3 else ckpt
     assert torch.equal(_weights(out)[changed[0]], _weights(kept)[changed[0]])

@@ -94,3 +94,17 @@ def test_a_grpo_folder_is_not_taken_for_a_model_of_other_sids(tmp_path):
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / INPUTS_FILE).write_text(json.dumps({"sids": ["x", "y"]}))
     assert trained_sids(tmp_path / "sft") == ["x", "y"]
+
+
+def test_grpo_selection_keeps_step_0_unless_a_later_point_beats_it_by_2_se():
+    """The best of many noisy watch points is noise: a later point replaces step 0 only when its paired
+    gain is >= select_min_se standard errors (0 = the plain best)."""
+    from mimigenrec.reward_watch import RewardWatch
+
+    w = RewardWatch(trainer=None, rows=[], select_best=True, min_se=2.0)
+    step0 = {"step": 0, "ndcg@10": 0.12}
+    noise = {"step": 400, "ndcg@10": 0.1233, "ndcg@10_delta_vs_step0": 0.0003, "ndcg@10_delta_se": 0.0028}
+    real = {"step": 500, "ndcg@10": 0.13, "ndcg@10_delta_vs_step0": 0.01, "ndcg@10_delta_se": 0.004}
+    worse = {"step": 600, "ndcg@10": 0.10, "ndcg@10_delta_vs_step0": -0.02, "ndcg@10_delta_se": 0.001}
+    assert w.significant(step0) and not w.significant(noise) and w.significant(real) and not w.significant(worse)
+    assert RewardWatch(trainer=None, rows=[], min_se=0.0).significant(noise)
