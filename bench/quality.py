@@ -17,7 +17,7 @@ figures are what a user gets:
    similar length batched together, one checkpoint per epoch);
 4. ``python -m mimigenrec.select_checkpoint`` (the epoch with the best valid NDCG@10);
 5. ``bash trl_trainer.sh examples/rl/tiny_beam.yaml`` (GRPO, 16 constrained beams per prompt,
-   target injected into groups that miss it, the watch keeps the best valid NDCG@10 point);
+   target injected into groups that miss it, the watch keeps a later step only when it beats step 0 by 2 s.e. of valid NDCG@10);
 6. ONE ``bash evaluate.sh`` call with every model beside ``--baseline popularity --baseline
    sasrec`` on the full test split;
 7. ``mimigenrec.compare``: paired bootstrap 95% intervals (GRPO vs SFT, LLM vs SASRec).

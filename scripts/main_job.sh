@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up, preprocess the bundled Amazon data, SFT the tiny model (one checkpoint per
-# epoch, the best on valid kept), GRPO it (constrained beam rollouts, the best valid step kept),
+# epoch, the best on valid kept), GRPO it (constrained beam rollouts, a step kept only if it clearly beats the start on valid),
 # evaluate both beside popularity and SASRec. Every step writes files the next one reads.
 # The default recipe at a smaller size (4x128 model, fewer epochs and steps) so it runs in
 # minutes on 2 CPU cores; bench/quality.py runs the full-size recipe.
@@ -42,7 +42,7 @@ bash sft.sh examples/sft/tiny_full.yaml model_name_or_path="$RUNS/models/tiny" o
 step "4/6 keep the SFT epoch with the best valid NDCG@10 -> $RUNS/sft"
 "$PY" -m mimigenrec.select_checkpoint --data_dir "$O" --run_dir "$RUNS/sft" --max_rows "$SELECT_ROWS"
 
-step "5/6 GRPO (TRL, 16 constrained beams per prompt, best valid step kept) -> $RUNS/grpo"
+step "5/6 GRPO (TRL, 16 constrained beams per prompt, a step kept only if it beats step 0 by 2 s.e. on valid) -> $RUNS/grpo"
 bash trl_trainer.sh examples/rl/tiny_beam.yaml model_name_or_path="$RUNS/sft" data_dir="$O" \
   output_dir="$RUNS/grpo" max_steps="${GRPO_STEPS:-100}" eval_every_steps=25 eval_rows="$SELECT_ROWS"
 
