@@ -38,11 +38,8 @@
 #   SASREC_EPOCHS [50]
 # Every command runs under nice; set NICE=0 on a machine of your own.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$ROOT"
-# shellcheck source=scripts/activate.sh
-source "$ROOT/scripts/activate.sh"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=examples/recipes/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # ROOT (cwd), venv, offline HF, run / has / step, NICE
 DATASET="${DATASET:-amazon}"
 OUT="${OUT:-runs/recipes/mllmrec_r1/$DATASET}"
 O="${DATA:-$OUT/data}"
@@ -54,7 +51,6 @@ COT_MODE="${COT_MODE:-reference}"
 NEG="${NEG:-9}"
 SEED="${SEED:-42}"
 BACKBONE="${BACKBONE:-tiny}"
-NICE="${NICE:-15}"
 EVAL_ROWS="${EVAL_ROWS:-300}"
 if [[ "$COT_MODE" == think ]]; then
   GRPO_CONFIG="${GRPO_CONFIG:-examples/rl/cand_rank_think.yaml}"
@@ -63,9 +59,6 @@ else
   GRPO_CONFIG="${GRPO_CONFIG:-examples/rl/cand_rank_tiny.yaml}"
   THINK_EVAL="${THINK_EVAL:-0}"
 fi
-run() { echo "+ $*" >&2; /usr/bin/time -f "[time] %e s wall, %U s user: ${1} ${2:-}" nice -n "$NICE" "$@"; }
-has() { [[ "$STAGES" == *" $1 "* ]]; }
-step() { printf '\n=== %s ===\n' "$*"; }
 mkdir -p "$OUT"
 
 if has data; then

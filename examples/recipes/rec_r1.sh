@@ -20,22 +20,14 @@
 #   GRPO_STEPS [20]   GRPO_CONFIG [examples/rl/query_smollm2.yaml]   EVAL_ROWS [200]   MAX_NEW_TOKENS [48]
 #   NICE [15]
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-cd "$ROOT"
-# shellcheck source=scripts/activate.sh
-source "$ROOT/scripts/activate.sh"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# shellcheck source=examples/recipes/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # ROOT (cwd), venv, offline HF, run / has / step, NICE
 DATASET="${DATASET:-amazon}"
 OUT="${OUT:-runs/recipes/rec_r1/$DATASET}"
 O="$OUT/data"
 STAGES=" ${STAGES:-data zero grpo eval} "
 MODEL="${MODEL:-runs/models/smollm2}"
-NICE="${NICE:-15}"
 EVAL_ROWS="${EVAL_ROWS:-200}"
-# run at niceness NICE (absolute: a recipe started under nice is not pushed further down)
-run() { echo "+ $*" >&2; /usr/bin/time -f "[time] %e s wall, %U s user: ${1} ${2:-}" nice -n "$(( NICE > $(nice) ? NICE - $(nice) : 0 ))" "$@"; }
-has() { [[ "$STAGES" == *" $1 "* ]]; }
-step() { printf '\n=== %s ===\n' "$*"; }
 mkdir -p "$OUT"
 common=(--data_dir "$O" --split test --task query --ks 1,10,50 --max_rows "$EVAL_ROWS" --seed 0
         --max_new_tokens "${MAX_NEW_TOKENS:-48}" --batch_size 8 --quiet)
