@@ -509,18 +509,9 @@ def build_ranker(name: str, spec: str, data: EvalData, args: argparse.Namespace,
 
         return ScoreRanker(name, Popularity.fit(data.seqs, before, data.num_item_ids), data, args.num_beams)
     if what in ("sasrec", "sasrec_bce"):
-        from mimigenrec.baselines import SASRecScorer
-
-        cfg = sasrec_config(args, "bce" if what == "sasrec_bce" else "ce")
-        caches = [data.data_dir / "baselines", Path(args.output_dir) / "baselines"]
-        if not os.access(data.data_dir, os.W_OK):
-            caches = caches[1:]
-        seqs, stop_rows, stop = sasrec_stopping(data)
-
         def make():
-            return SASRecScorer.load_or_train(data.data_dir, caches, seqs, data.num_item_ids, data.universe,
-                                              stop_rows, cfg, device=device, name=name, progress=dist.rank == 0,
-                                              stopping=stop)
+            return load_sasrec(data, args, "bce" if what == "sasrec_bce" else "ce", device=device, name=name,
+                               progress=dist.rank == 0)
         if dist.world > 1:  # rank 0 trains and caches; the others load the checkpoint
             scorer = make() if dist.rank == 0 else None
             dist.barrier()
@@ -529,6 +520,21 @@ def build_ranker(name: str, spec: str, data: EvalData, args: argparse.Namespace,
             scorer = make()
         return ScoreRanker(name, scorer, data, args.num_beams)
     raise bad("--baseline", f"unknown baseline {what!r}", f"choose from {', '.join(BASELINE_NAMES)}")
+
+
+def load_sasrec(data: EvalData, args: argparse.Namespace, loss: str = "ce", device: str = "cpu",
+                name: str = "sasrec", progress: bool = True):
+    """The SASRec baseline of ``data``'s split (:func:`sasrec_stopping`), read from its cache in
+    ``DATA/baselines`` (or ``--output_dir/baselines`` when DATA is read-only) or trained and cached."""
+    from mimigenrec.baselines import SASRecScorer
+
+    caches = [data.data_dir / "baselines", Path(args.output_dir) / "baselines"]
+    if not os.access(data.data_dir, os.W_OK):
+        caches = caches[1:]
+    seqs, stop_rows, stop = sasrec_stopping(data)
+    return SASRecScorer.load_or_train(data.data_dir, caches, seqs, data.num_item_ids, data.universe, stop_rows,
+                                      sasrec_config(args, loss), device=device, name=name, progress=progress,
+                                      stopping=stop)
 
 
 def sasrec_stopping(data: EvalData) -> tuple[UserSequences, list[dict], str]:

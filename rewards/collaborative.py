@@ -23,18 +23,14 @@ from rewards import completion_text, extra_infos
 def _reward_model(data_dir: str):
     """``(SASRecScorer, {sid string: item id}, universe ids)`` for ``data_dir``, trained or read from its cache."""
     from mimigenrec import prompts
-    from mimigenrec.baselines import SASRecScorer
+    from mimigenrec.evaluate import build_parser, load_eval_data, load_sasrec
     from mimigenrec.io import DataDir
-    from mimigenrec.evaluate import build_parser, load_eval_data, sasrec_config, sasrec_stopping
 
     args = build_parser().parse_args(["--data_dir", data_dir, "--split", "test", "--baseline", "sasrec",
                                       "--output_dir", str(Path(data_dir) / "baselines")])
     args.methods = ["baseline:sasrec"]
     data = load_eval_data(args)
-    seqs, stop_rows, stop = sasrec_stopping(data)
-    scorer = SASRecScorer.load_or_train(data.data_dir, [data.data_dir / "baselines"], seqs, data.num_item_ids,
-                                        data.universe, stop_rows, sasrec_config(args, "ce"), progress=False,
-                                        stopping=stop)
+    scorer = load_sasrec(data, args, progress=False)
     sid_to_item = {prompts.sid_string(s): i for i, s in DataDir(data_dir).load_id2sid().items()}
     return scorer, sid_to_item, torch.tensor(sorted(data.universe))
 
