@@ -1,6 +1,6 @@
 """Choose an SFT run's checkpoint by held-out ranking quality, not by the last step or the loss.
 
-``python -m mimigenrec.select_checkpoint --data_dir O --run_dir DIR [--split valid] [--max_rows 1000]``
+``python -m mimigenrec.select_checkpoint --data_dir O --run_dir DIR [--run_dir DIR2 ...] [--max_rows 1000]``
 
 Every ``DIR/checkpoint-<step>`` (e.g. one per epoch, LLaMA-Factory ``save_strategy: epoch``)
 is scored by the evaluation itself (:mod:`mimigenrec.evaluate`: constrained beam search, the
@@ -8,7 +8,9 @@ same prompts and score as ``evaluate.sh``) on a seeded subset of ``--split`` row
 test), into ``DIR/selection/<checkpoint>/``. The checkpoint with the highest ``--metric``
 (the earliest of equals) wins: its model files are copied over ``DIR``'s own, so ``DIR`` is
 the model to use, and ``DIR/checkpoint_selection.json`` lists every checkpoint's figure with
-its standard error. LLaMA-Factory's valid loss is no substitute here: with
+its standard error. Several ``--run_dir`` (e.g. the same SFT with other seeds) are one pool:
+every checkpoint of every run is scored on the same rows and the best is copied over the FIRST
+run dir; its record names the run (``selected``: ``<run>/<checkpoint>``). LLaMA-Factory's valid loss is no substitute here: with
 ``train_on_prompt`` it is dominated by the history tokens, which are training interactions.
 
 Re-running reuses the evaluations whose checkpoint is unchanged (evaluate's own fingerprints).
@@ -47,9 +49,10 @@ def _model_files(ckpt: Path) -> list[Path]:
     return [f for f in ckpt.iterdir() if f.is_file() and f.name not in _NOT_MODEL and not f.name.startswith("rng_state")]
 
 
-def select(data_dir: str | Path, run_dir: str | Path, split: str = "valid", max_rows: int = 1000,
+def select(data_dir: str | Path, run_dir: str | Path | list[str | Path], split: str = "valid", max_rows: int = 1000,
            metric: str = "ndcg@10", num_beams: int = 50, batch_size: int = 32, seed: int = 0) -> dict:
-    """Score every checkpoint, copy the best over ``run_dir``; returns the selection record."""
+    """Score every checkpoint of ``run_dir`` (one or several runs), copy the best over the first run
+    dir; returns the selection record."""
     from mimigenrec import evaluate
 
     if split == "test":
@@ -57,11 +60,13 @@ def select(data_dir: str | Path, run_dir: str | Path, split: str = "valid", max_
                             "use valid")
     if not re.fullmatch(r"(hr|ndcg)@\d+", metric):
         raise BadInputError(f"select_checkpoint: --metric {metric!r}: expected hr@K or ndcg@K")
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise BadInputError(f"{run}: not a folder: give the SFT output_dir")
+    runs = [Path(r) for r in (run_dir if isinstance(run_dir, (list, tuple)) else [run_dir])]
+    for run in runs:
+        if not run.is_dir():
+            raise BadInputError(f"{run}: not a folder: give the SFT output_dir")
+    pool = [(run, ckpt) for run in runs for ckpt in checkpoints(run)]
     scores = []
-    for ckpt in checkpoints(run):
+    for run, ckpt in pool:
         out = run / "selection" / ckpt.name
         rc = evaluate.main(["--data_dir", str(data_dir), "--split", split, "--model", f"{ckpt.name}={ckpt}",
                             "--no_baselines", "--ks", metric.split("@")[1], "--max_rows", str(max_rows), "--seed", str(seed), "--num_beams",
@@ -70,18 +75,21 @@ def select(data_dir: str | Path, run_dir: str | Path, split: str = "valid", max_
             raise BadInputError(f"{ckpt}: evaluation failed (exit {rc}); see the message above")
         rows = per_row([r for _, r in iter_records(evaluate.pred_path(out, ckpt.name), strict=True)], metric)
         m, se = mean_se(list(rows.values()))
-        scores.append({"checkpoint": ckpt.name, metric: m, f"{metric}_se": se, "rows": len(rows)})
-        print(f"[select] {ckpt.name}: {split} {metric} {m:.4f} ± {se:.4f} ({len(rows)} rows)", flush=True)
+        name = ckpt.name if len(runs) == 1 else f"{run.name}/{ckpt.name}"
+        scores.append({"checkpoint": name, metric: m, f"{metric}_se": se, "rows": len(rows)})
+        print(f"[select] {name}: {split} {metric} {m:.4f} ± {se:.4f} ({len(rows)} rows)", flush=True)
     best = max(range(len(scores)), key=lambda i: (scores[i][metric], -i))
-    src = checkpoints(run)[best]
-    if src != run:
+    dest, src = runs[0], pool[best][1]
+    if src != dest:
         for f in _model_files(src):
-            shutil.copy2(f, run / f.name)
+            shutil.copy2(f, dest / f.name)
     record = {"selected": scores[best]["checkpoint"], "metric": f"{split} {metric}", "max_rows": max_rows,
               "seed": seed, "num_beams": num_beams, "checkpoints": scores}
-    (run / "checkpoint_selection.json").write_text(json.dumps(record, indent=2) + "\n")
+    if len(runs) > 1:
+        record["runs"] = [str(r) for r in runs]
+    (dest / "checkpoint_selection.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"[select] kept {scores[best]['checkpoint']} ({split} {metric} {scores[best][metric]:.4f}): "
-          f"{run} holds its weights", flush=True)
+          f"{dest} holds its weights", flush=True)
     return record
 
 
@@ -89,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mimigenrec.select_checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="preprocessed dataset dir the model was trained on")
-    p.add_argument("--run_dir", required=True, help="SFT output_dir holding checkpoint-<step> folders")
+    p.add_argument("--run_dir", required=True, action="append",
+                   help="SFT output_dir holding checkpoint-<step> folders; repeat to choose across runs (e.g. "
+                        "seeds): the winner is copied over the first")
     p.add_argument("--split", default="valid", choices=("valid",), help="rows scored (default: %(default)s)")
     p.add_argument("--max_rows", type=int, default=1000,
                    help="seeded subset of the split (0 = all; default: %(default)s)")

@@ -76,6 +76,29 @@ def test_select_checkpoint_keeps_the_best_on_valid(run_dir):
     assert json.loads((run / "trainer_state.json").read_text()) == {}  # trainer state is not a model file
 
 
+def test_select_checkpoint_pools_several_runs_and_fills_the_first(run_dir, tmp_path):
+    """Seeds of one SFT: every checkpoint of every run on the same rows, the best copied over run 1."""
+    from safetensors.torch import load_file
+
+    d, run = run_dir
+    first, second = tmp_path / "seed42", tmp_path / "seed43"
+    shutil.copytree(run / "checkpoint-10", first / "checkpoint-10")
+    # run 2 = the fixture's other two models (different weights, so the pool has a real choice)
+    shutil.copytree(run / "checkpoint-20", second / "checkpoint-10")
+    shutil.copytree(run / "checkpoint-30", second / "checkpoint-20")
+    rec = select_checkpoint.select(d.root, [first, second], max_rows=0, num_beams=10, batch_size=4)
+    names = [c["checkpoint"] for c in rec["checkpoints"]]
+    assert names == ["seed42/checkpoint-10", "seed43/checkpoint-10", "seed43/checkpoint-20"]
+    assert rec["runs"] == [str(first), str(second)]
+    scores = {c["checkpoint"]: c["ndcg@10"] for c in rec["checkpoints"]}
+    assert rec["selected"] == max(names, key=lambda k: (scores[k], -names.index(k)))
+    src = (first if rec["selected"].startswith("seed42/") else second) / rec["selected"].split("/")[1]
+    kept, best = load_file(str(first / "model.safetensors")), load_file(str(src / "model.safetensors"))
+    assert all(torch.equal(kept[k], best[k]) for k in best)
+    assert json.loads((first / "checkpoint_selection.json").read_text())["selected"] == rec["selected"]
+    assert not (second / "checkpoint_selection.json").exists()
+
+
 def test_select_checkpoint_refuses_test_and_a_missing_run(run_dir, tmp_path, capsys):
     d, run = run_dir
     with pytest.raises(SystemExit):  # argparse: valid is the only choice
