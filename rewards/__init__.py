@@ -18,6 +18,7 @@ ndcg_rank          rewards.sid_match           1 if hit else -1/log2(beam_rank +
 ndcg_rank_hit      rewards.sid_match           ndcg_rank in a group that holds the target, else 0
 listwise           rewards.sid_match           1[hit] - softmax(beam_logp within the group)
 cf_rank            rewards.collaborative       1 if hit else 1/log2(SASRec rank of the answer + 2) - 1
+cf_fused           rewards.collaborative       1 if hit else mean of 1/log2(SASRec rank + 2), 1/log2(beam_rank + 2), - 1
 format             rewards.format              1 if [<think>..</think>] + one well-formed answer
 think              rewards.format              1 if a non-empty <think>..</think> precedes an answer
 candidate_choice   rewards.candidate           +1 target, 0 other candidate, -1 invalid (prompts.parse_choice)
@@ -51,6 +52,7 @@ _BUILTIN: dict[str, str] = {
     "ndcg_rank_hit": "rewards.sid_match:ndcg_rank_hit",
     "listwise": "rewards.sid_match:listwise",
     "cf_rank": "rewards.collaborative:cf_rank",
+    "cf_fused": "rewards.collaborative:cf_fused",
     "format": "rewards.format:format_reward",
     "think": "rewards.format:think",
     "candidate_choice": "rewards.candidate:candidate_choice",

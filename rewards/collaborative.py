@@ -35,15 +35,14 @@ def _reward_model(data_dir: str):
     return scorer, sid_to_item, torch.tensor(sorted(data.universe))
 
 
-def cf_rank(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
-            **kwargs) -> list[float | None]:
-    """r = 1 if the answer is the target, else 1/log2(SASRec rank of the answer + 2) - 1 (None without a target)."""
+def _sasrec_ranks(completions, kwargs: dict, data_dir: str | None) -> list[int | str | None]:
+    """Per completion: None (no target), "hit", "invalid" (not an item), or the answer's 0-based SASRec rank."""
     if not data_dir:
-        raise ValueError("cf_rank needs the data folder (the trainer passes data_dir)")
+        raise ValueError("the cf rewards need the data folder (the trainer passes data_dir)")
     scorer, sid_to_item, universe = _reward_model(str(Path(data_dir).resolve()))
     completions = list(completions or [])
     infos = extra_infos(kwargs, len(completions))
-    out: list[float | None] = [None] * len(completions)
+    out: list[int | str | None] = [None] * len(completions)
     todo = [k for k, info in enumerate(infos) if info.get("target") is not None and "user_id" in info]
     if not todo:
         return out
@@ -54,13 +53,32 @@ def cf_rank(prompts=None, completions=None, completion_ids=None, *, data_dir: st
     for k in todo:
         info = infos[k]
         item = sid_to_item.get(completion_text(completions[k]).strip())
-        if item is not None and item == int(info["target"]):
-            out[k] = 1.0
-            continue
-        if item is None:  # not an item: the worst
-            out[k] = -1.0
-            continue
-        s = scores[row_of[(int(info["user_id"]), int(info["position"]))]]
-        rank = int((s[universe] > s[item]).sum())  # among the items evaluation ranks
-        out[k] = 1.0 / math.log2(rank + 2) - 1.0
+        if item is None:
+            out[k] = "invalid"
+        elif item == int(info["target"]):
+            out[k] = "hit"
+        else:
+            s = scores[row_of[(int(info["user_id"]), int(info["position"]))]]
+            out[k] = int((s[universe] > s[item]).sum())  # among the items evaluation ranks
     return out
+
+
+def cf_rank(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
+            **kwargs) -> list[float | None]:
+    """r = 1 if the answer is the target, else 1/log2(SASRec rank of the answer + 2) - 1 (None without a target)."""
+    return [None if r is None else 1.0 if r == "hit" else -1.0 if r == "invalid" else 1.0 / math.log2(r + 2) - 1.0
+            for r in _sasrec_ranks(completions, kwargs, data_dir)]
+
+
+def cf_fused(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
+             **kwargs) -> list[float | None]:
+    """Beam rollouts: r = 1 on a hit, else (1/log2(SASRec rank + 2) + 1/log2(beam rank + 2)) / 2 - 1.
+
+    The policy's own beam order is half of a wrong answer's reward, so a beam overtakes a better-ranked
+    one only where SASRec prefers it clearly (a reciprocal-rank fusion of the two rankings as target)."""
+    beam_rank = kwargs.get("beam_rank")
+    if beam_rank is None:
+        raise ValueError("cf_fused needs beam-search rollouts (rollout_mode: beam), which pass beam_rank")
+    return [None if r is None else 1.0 if r == "hit" else -1.0 if r == "invalid"
+            else (1.0 / math.log2(r + 2) + 1.0 / math.log2(int(b) + 2)) / 2 - 1.0
+            for r, b in zip(_sasrec_ranks(completions, kwargs, data_dir), beam_rank)]

@@ -27,7 +27,8 @@ MALFORMED = ["", "   ", "<think>unclosed " + SID, "garbage text", SID + " extra"
 
 def test_registry_lists_all_builtins():
     assert list_rewards() == sorted(["rule", "partial_match", "ndcg_rank", "ndcg_rank_hit", "listwise", "format", "think",
-                                     "candidate_choice", "retrieval_ndcg", "recpo", "think_only", "query_format", "cf_rank"])
+                                     "candidate_choice", "retrieval_ndcg", "recpo", "think_only", "query_format", "cf_rank",
+                                     "cf_fused"])
     for name in list_rewards():
         fn = get_reward(name, data_dir="unused")
         assert fn.__name__ == name and fn.__doc__ and "r =" in fn.__doc__
@@ -236,3 +237,11 @@ def test_cf_rank_is_the_sasrec_rank_of_the_answer(tmp_path):
     assert got[:6] == pytest.approx(want) and got[6] == -1.0
     assert call("cf_rank", [comps[0]], [None], data_dir=str(d.root), extra_info=[{}]) == [None]
     assert torch.equal(universe, torch.tensor(sorted(universe.tolist())))
+    # cf_fused: a wrong answer's reward is the mean of its SASRec and beam-rank gains, minus 1
+    beams = [0, 1, 2, 3, 4, 5, 0]
+    fused = call("cf_fused", comps + ["not an item"], [None] * 7, data_dir=str(d.root), extra_info=infos + [infos[0]],
+                 beam_rank=beams)
+    want_f = [1.0 if w == 1.0 else ((w + 1) + 1 / math.log2(b + 2)) / 2 - 1 for w, b in zip(want, beams)]
+    assert fused[:6] == pytest.approx(want_f) and fused[6] == -1.0
+    with pytest.raises(ValueError, match="beam"):
+        call("cf_fused", comps[:1], [None], data_dir=str(d.root), extra_info=infos[:1])
