@@ -75,7 +75,10 @@ def cf_fused(prompts=None, completions=None, completion_ids=None, *, data_dir: s
     """Beam rollouts: r = 1 on a hit, else (1/log2(SASRec rank + 2) + 1/log2(beam rank + 2)) / 2 - 1.
 
     The policy's own beam order is half of a wrong answer's reward, so a beam overtakes a better-ranked
-    one only where SASRec prefers it clearly (a reciprocal-rank fusion of the two rankings as target)."""
+    one only where SASRec prefers it clearly (a fusion of the two rankings as target). Measured on the
+    bundled data it feeds back on itself: the beams the policy already ranks first earn more, their
+    log-probs rise, and without target injection valid NDCG@10 fell 0.1067 -> 0.0433 in 200 steps
+    (README "What was tried"); kept for that record, not for use."""
     beam_rank = kwargs.get("beam_rank")
     if beam_rank is None:
         raise ValueError("cf_fused needs beam-search rollouts (rollout_mode: beam), which pass beam_rank")
