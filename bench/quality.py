@@ -298,9 +298,8 @@ def pipeline(a: argparse.Namespace) -> dict:
                   f"dataset_dir={data}", "report_to=none"]
     gpu_train = ["bf16=true"] if cuda else []
     length = [f"max_steps={a.sft_steps}"] if a.sft_steps else [f"num_train_epochs={a.sft_epochs:g}"]
-    # one SFT run per seed (data order; the backbone is the same), every epoch of every run scored on
-    # the same valid rows, the best copied over models/tiny_sft (select_checkpoint with several runs)
-    # (run side by side, the cores shared between them)
+    # one SFT run per seed (data order; the backbone is the same), side by side on shared cores; every
+    # epoch of every run is scored on the same valid rows, the best copied over models/tiny_sft
     sft_runs: dict[str, Path] = {}
     for k in range(a.sft_seeds):
         stage, out = ("sft_tiny", models / "tiny_sft") if k == 0 else \
