@@ -301,14 +301,15 @@ def pipeline(a: argparse.Namespace) -> dict:
     # one SFT run per seed (data order; the backbone is the same), side by side on shared cores; every
     # epoch of every run is scored on the same valid rows, the best copied over models/tiny_sft
     sft_runs: dict[str, Path] = {}
-    for k in range(a.sft_seeds):
-        stage, out = ("sft_tiny", models / "tiny_sft") if k == 0 else \
-            (f"sft_tiny_seed{a.seed + k}", models / f"tiny_sft_seed{a.seed + k}")
+    sft_jobs = []
+    for seed in range(a.seed, a.seed + a.sft_seeds):
+        stage, out = ("sft_tiny", models / "tiny_sft") if seed == a.seed else \
+            (f"sft_tiny_seed{seed}", models / f"tiny_sft_seed{seed}")
         sft_runs[stage] = out
-    r.run_many([(stage, ["bash", "sft.sh", "examples/sft/tiny_full.yaml", f"model_name_or_path={models / 'tiny'}",
-                         f"output_dir={out}", *length, f"learning_rate={a.sft_lr:g}", f"seed={a.seed + k}",
-                         *sft_common, *gpu_train], None, ("preprocess", "backbone"), ROOT / out)
-                for k, (stage, out) in enumerate(sft_runs.items())])
+        sft_jobs.append((stage, ["bash", "sft.sh", "examples/sft/tiny_full.yaml", f"model_name_or_path={models / 'tiny'}",
+                                 f"output_dir={out}", *length, f"learning_rate={a.sft_lr:g}", f"seed={seed}",
+                                 *sft_common, *gpu_train], None, ("preprocess", "backbone"), ROOT / out))
+    r.run_many(sft_jobs)
     r.run("select_sft", [py, "-m", "mimigenrec.select_checkpoint", "--data_dir", str(data),
                          *[x for out in sft_runs.values() for x in ("--run_dir", str(out))],
                          "--max_rows", str(a.select_rows), "--seed", str(a.seed)],
