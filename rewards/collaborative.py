@@ -63,11 +63,16 @@ def _sasrec_ranks(completions, kwargs: dict, data_dir: str | None) -> list[int |
     return out
 
 
+def _cf_rewards(ranks: list[int | str | None], miss) -> list[float | None]:
+    """1 on a hit, -1 for a non-item, None without a target, else ``miss(k, rank) - 1`` for completion k."""
+    return [None if r is None else 1.0 if r == "hit" else -1.0 if r == "invalid" else miss(k, r) - 1.0
+            for k, r in enumerate(ranks)]
+
+
 def cf_rank(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
             **kwargs) -> list[float | None]:
     """r = 1 if the answer is the target, else 1/log2(SASRec rank of the answer + 2) - 1 (None without a target)."""
-    return [None if r is None else 1.0 if r == "hit" else -1.0 if r == "invalid" else 1.0 / math.log2(r + 2) - 1.0
-            for r in _sasrec_ranks(completions, kwargs, data_dir)]
+    return _cf_rewards(_sasrec_ranks(completions, kwargs, data_dir), lambda k, r: 1.0 / math.log2(r + 2))
 
 
 def cf_fused(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
@@ -82,6 +87,5 @@ def cf_fused(prompts=None, completions=None, completion_ids=None, *, data_dir: s
     beam_rank = kwargs.get("beam_rank")
     if beam_rank is None:
         raise ValueError("cf_fused needs beam-search rollouts (rollout_mode: beam), which pass beam_rank")
-    return [None if r is None else 1.0 if r == "hit" else -1.0 if r == "invalid"
-            else (1.0 / math.log2(r + 2) + 1.0 / math.log2(int(b) + 2)) / 2 - 1.0
-            for r, b in zip(_sasrec_ranks(completions, kwargs, data_dir), beam_rank)]
+    return _cf_rewards(_sasrec_ranks(completions, kwargs, data_dir),
+                       lambda k, r: (1.0 / math.log2(r + 2) + 1.0 / math.log2(int(beam_rank[k]) + 2)) / 2)
