@@ -313,14 +313,22 @@ class ModelRanker(Ranker):
 
         from mimigenrec.trie import ItemTrie
 
+        from mimigenrec.models.ensemble import EnsembleLM, split_paths
+
         self.name, self.path, self.data, self.args, self.device = name, path, data, args, device
-        tok = AutoTokenizer.from_pretrained(check_model_dir(path))
+        paths = split_paths(path)
+        if len(paths) > 1 and (args.think or args.task == "query"):
+            raise bad("--model", f"{name}: an ensemble ({path}) ranks by beam search only",
+                      "drop --think / --task query, or give one checkpoint")
+        tok = AutoTokenizer.from_pretrained(check_model_dir(paths[0]))
         tok.padding_side = "left"
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         self.tok = tok
         dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        models = [AutoModelForCausalLM.from_pretrained(check_model_dir(p), dtype=dtype).to(device).eval()
+                  for p in paths]
+        self.model = models[0] if len(models) == 1 else EnsembleLM(models).eval()
         self.task = args.task
         self.index = None
         if self.task == "query":  # free-form query; BM25 (the retrieval_ndcg reward's index) ranks the catalogue
@@ -339,8 +347,9 @@ class ModelRanker(Ranker):
             sids = {i: data.id2sid[i] for i in data.universe}
             from mimigenrec.launch import check_sid_tokens
 
-            check_sid_tokens(tok.get_vocab(), sorted({t for s in sids.values() for t in s}), path, data.data_dir)
-            warn_if_other_sids(name, path, DataDir(data.data_dir).id2sid)
+            check_sid_tokens(tok.get_vocab(), sorted({t for s in sids.values() for t in s}), paths[0], data.data_dir)
+            for p in paths:
+                warn_if_other_sids(name, p, DataDir(data.data_dir).id2sid)
             self.trie = ItemTrie.from_id2sid(sids, tok)
             self.answer_of = {prompts.sid_string(s): i for i, s in sids.items()}
             self.unit_re = re.compile(r"(?:" + prompts.SID_TOKEN_RE.pattern + r")+")
@@ -596,9 +605,11 @@ def method_records(args: argparse.Namespace, methods: list[tuple[str, str]]) -> 
     for name, spec in methods:
         kind, _, what = spec.partition(":")
         if kind == "model":
-            path = check_model_dir(what).resolve()
-            inputs = fingerprint([], [data_fp, model_fingerprint(path)])
-            rec = {"source": f"model:{path}", "config": None, "inputs": inputs}
+            from mimigenrec.models.ensemble import SEPARATOR, split_paths
+
+            paths = [check_model_dir(p).resolve() for p in split_paths(what)]
+            inputs = fingerprint([], [data_fp, *map(model_fingerprint, paths)])
+            rec = {"source": "model:" + SEPARATOR.join(map(str, paths)), "config": None, "inputs": inputs}
         else:
             rec = {"source": spec, "config": sas if what.startswith("sasrec") else None, "inputs": data_fp}
         out[name] = rec
@@ -734,7 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--split", default="test", choices=("valid", "test"), help="rows to evaluate")
     a("--model", action="append", metavar="[NAME=]PATH",
       help="model checkpoint dir (repeatable); NAME labels its table row (unset: the folder name); a folder with "
-      "item_head.json is ranked by its item head (one forward pass per row) instead of beam search")
+      "item_head.json is ranked by its item head (one forward pass per row) instead of beam search; DIR_A+DIR_B "
+      "ranks by the mean log-probability of several checkpoints that share a tokenizer (mimigenrec.models.ensemble)")
     a("--baseline", action="append", choices=BASELINE_NAMES,
       help="baseline to evaluate (repeatable); with --model and no --baseline, popularity and sasrec are added "
       "(--task query: query_last and query_history, the only baselines of that task)")

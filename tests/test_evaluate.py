@@ -314,3 +314,21 @@ def test_model_ranking_equals_exhaustive_scoring(data, tiny_model, tmp_path, imp
         assert sorted(got) == list(range(N_ITEMS))
         # equal up to float noise: compare the score sequence, not ids (near-ties may swap)
         assert [scores[i] for i in got] == pytest.approx([scores[i] for i in expected], abs=1e-4)
+
+
+def test_an_ensemble_of_one_checkpoint_twice_ranks_as_it(data, tiny_model, tmp_path, capsys):
+    """``--model NAME=A+B``: both members' weights are in its fingerprint; A+A ranks exactly as A; an
+    ensemble is refused where it cannot rank (free-form generation)."""
+    root, _ = data
+    common = ("--data_dir", root, "--no_baselines", "--num_beams", "10", "--ks", "1,5,10", "--max_rows", "6",
+              "--batch_size", "4", "--device", "cpu")
+    m = run_eval(*common, "--model", f"one={tiny_model}", "--model", f"ens={tiny_model}+{tiny_model}",
+                 "--output_dir", tmp_path)
+    assert m["one"] == m["ens"]
+    assert [p["ranked"] for p in read_preds(tmp_path, "one")] == [p["ranked"] for p in read_preds(tmp_path, "ens")]
+    cfg = json.loads((tmp_path / "run_config.json").read_text())
+    assert cfg["methods"]["ens"]["source"] == f"model:{tiny_model.resolve()}+{tiny_model.resolve()}"
+    assert cfg["methods"]["ens"]["inputs"] != cfg["methods"]["one"]["inputs"]
+    assert evaluate.main([*map(str, common), "--model", f"ens={tiny_model}+{tiny_model}", "--think",
+                          "--output_dir", str(tmp_path / "think"), "--quiet"]) == 2
+    assert "ranks by beam search only" in capsys.readouterr().err
