@@ -15,12 +15,14 @@ figures are what a user gets:
    prompt phrase);
 3. ``bash sft.sh examples/sft/tiny_full.yaml`` (stock LLaMA-Factory, the answer trained, rows of
    similar length batched together, one checkpoint per epoch), once per seed (``--sft_seeds``, 2);
-4. ``python -m mimigenrec.select_checkpoint`` (the epoch and seed with the best valid NDCG@10);
+4. ``python -m mimigenrec.select_checkpoint`` (the epoch and seed with the best valid NDCG@10); with two
+   or more seeds the ``tiny_sft_ens`` row ranks by the mean log-prob of the kept model and the other
+   seeds' own best checkpoints (``mimigenrec.models.ensemble``; no training, twice the inference);
 5. ``bash trl_trainer.sh examples/rl/tiny_beam.yaml`` (GRPO, 16 constrained beams per prompt,
    target injected into groups that miss it, the watch keeps a later step only when it beats step 0 by 2 s.e. of valid NDCG@10);
 6. ONE ``bash evaluate.sh`` call with every model beside ``--baseline popularity --baseline
    sasrec`` on the full test split;
-7. ``mimigenrec.compare``: paired bootstrap 95% intervals (GRPO vs SFT, LLM vs SASRec).
+7. ``mimigenrec.compare``: paired bootstrap 95% intervals (GRPO vs SFT, LLMs vs SASRec, ensemble vs SFT).
 
 With ``--smollm2`` a second evaluate call scores every method again on a seeded subset of
 ``--smollm2_eval_rows`` test rows (SmolLM2 beam search is slow on CPU), a separate table.
@@ -72,8 +74,9 @@ DATASETS = {
     "ml100k": {"name": "ml100k", "source": "movielens", "raw_dir": None, "extra": [],
                "label": "MovieLens-100k (RecBole copy fetched at run time; every rating is an interaction)"},
 }
-LLM_METHODS = ("tiny_sft", "tiny_grpo", "smollm2_sft")
-COMPARISONS = (("tiny_sft", "tiny_grpo"), ("sasrec", "tiny_sft"), ("sasrec", "tiny_grpo"))
+LLM_METHODS = ("tiny_sft", "tiny_sft_ens", "tiny_grpo", "smollm2_sft")
+COMPARISONS = (("tiny_sft", "tiny_grpo"), ("sasrec", "tiny_sft"), ("sasrec", "tiny_grpo"), ("sasrec", "tiny_sft_ens"),
+               ("tiny_sft", "tiny_sft_ens"))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -317,6 +320,9 @@ def pipeline(a: argparse.Namespace) -> dict:
     grpo_env = {"ACCELERATE_CONFIG": "examples/accelerate/single_gpu.yaml"} if cuda else {}
     llms = {"tiny_sft": models / "tiny_sft"}
     trained = {"tiny_sft": "select_sft"}
+    if a.sft_seeds > 1:  # the kept model and the other seeds' own best checkpoints, ranked by their mean log-prob
+        llms["tiny_sft_ens"] = read_json(ROOT / models / "tiny_sft" / "checkpoint_selection.json")["ensemble"]
+        trained["tiny_sft_ens"] = "select_sft"
     if a.grpo_steps > 0:
         llms["tiny_grpo"], trained["tiny_grpo"] = models / "tiny_grpo", "grpo_tiny"
         r.run("grpo_tiny", ["bash", "trl_trainer.sh", "examples/rl/tiny_beam.yaml",

@@ -10,7 +10,9 @@ test), into ``DIR/selection/<checkpoint>/``. The checkpoint with the highest ``-
 the model to use, and ``DIR/checkpoint_selection.json`` lists every checkpoint's figure with
 its standard error. Several ``--run_dir`` (e.g. the same SFT with other seeds) are one pool:
 every checkpoint of every run is scored on the same rows and the best is copied over the FIRST
-run dir; its record names the run (``selected``: ``<run>/<checkpoint>``). LLaMA-Factory's valid loss is no substitute here: with
+run dir; its record names the run (``selected``: ``<run>/<checkpoint>``) and gives ``ensemble``: the winner
+plus every other run's best checkpoint, joined by ``+`` (``evaluate.sh --model NAME=<ensemble>`` ranks by
+their mean log-probability, :mod:`mimigenrec.models.ensemble`). LLaMA-Factory's valid loss is no substitute here: with
 ``train_on_prompt`` it is dominated by the history tokens, which are training interactions.
 
 Re-running reuses the evaluations whose checkpoint is unchanged (evaluate's own fingerprints).
@@ -86,7 +88,13 @@ def select(data_dir: str | Path, run_dir: str | Path | list[str | Path], split: 
     record = {"selected": scores[best]["checkpoint"], "metric": f"{split} {metric}", "max_rows": max_rows,
               "seed": seed, "num_beams": num_beams, "checkpoints": scores}
     if len(runs) > 1:
+        from mimigenrec.models.ensemble import SEPARATOR
+
         record["runs"] = [str(r) for r in runs]
+        # the winner (now in the first run dir) and every other run's own best: evaluate.sh --model NAME=<this>
+        others = [max((i for i, (r, _) in enumerate(pool) if r == run), key=lambda i: (scores[i][metric], -i))
+                  for run in runs if run != pool[best][0]]
+        record["ensemble"] = SEPARATOR.join([str(dest)] + [str(pool[i][1]) for i in others])
     (dest / "checkpoint_selection.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"[select] kept {scores[best]['checkpoint']} ({split} {metric} {scores[best][metric]:.4f}): "
           f"{dest} holds its weights", flush=True)

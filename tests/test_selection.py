@@ -97,6 +97,11 @@ def test_select_checkpoint_pools_several_runs_and_fills_the_first(run_dir, tmp_p
     assert all(torch.equal(kept[k], best[k]) for k in best)
     assert json.loads((first / "checkpoint_selection.json").read_text())["selected"] == rec["selected"]
     assert not (second / "checkpoint_selection.json").exists()
+    # the ensemble: the winner (in run 1) and the other run's own best checkpoint
+    other = "seed43" if rec["selected"].startswith("seed42/") else "seed42"
+    own = max((c for c in rec["checkpoints"] if c["checkpoint"].startswith(other + "/")),
+              key=lambda c: c["ndcg@10"])["checkpoint"].split("/")[1]
+    assert rec["ensemble"] == f"{first}+{(second if other == 'seed43' else first) / own}"
 
 
 def test_select_checkpoint_refuses_test_and_a_missing_run(run_dir, tmp_path, capsys):
