@@ -1,6 +1,7 @@
 """Prefill-once constrained beam search vs stock constrained ``generate`` beam search."""
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -201,3 +202,67 @@ def test_tree_mode_is_the_default_for_full_attention_models(tiny):
         model.config._attn_implementation = impl
     with pytest.raises(ValueError, match="cache_mode"):
         constrained_beam_search(model, torch.ones(1, 3, dtype=torch.long), None, None, 2, cache_mode="shared")
+
+
+@pytest.mark.parametrize("cache_mode", ["tree", "expand"])
+def test_ensemble_ranks_by_the_mean_log_probability(tiny, cache_mode):
+    """EnsembleLM: the beam search over two models returns every item by the mean of the two
+    models' summed answer log-probs (checked exhaustively by teacher forcing), and an ensemble of a
+    model with itself ranks exactly as the model."""
+    import copy
+
+    from mimigenrec.models.ensemble import EnsembleLM
+
+    model, tok, id2sid = tiny
+    other = sharpen(copy.deepcopy(model), seed=5)
+    trie = ItemTrie.from_id2sid(id2sid, tok)
+    enc = batch(tok, 2, seed=4)
+    n = len(id2sid)
+    same = constrained_beam_search(EnsembleLM([model, model]), enc.input_ids, enc.attention_mask, trie, 10,
+                                   cache_mode=cache_mode)
+    ref = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 10, cache_mode=cache_mode)
+    assert torch.equal(same.items, ref.items) and torch.allclose(same.scores, ref.scores, atol=1e-5)
+
+    got = constrained_beam_search(EnsembleLM([model, other]), enc.input_ids, enc.attention_mask, trie, n,
+                                  cache_mode=cache_mode)
+    answers = {i: tok("".join(s), add_special_tokens=False).input_ids + [tok.eos_token_id] for i, s in id2sid.items()}
+    for b in range(2):
+        prompt = enc.input_ids[b][enc.attention_mask[b].bool()].tolist()
+        ids = torch.tensor([prompt + answers[i] for i in range(n)])
+        mean = torch.zeros(n)
+        with torch.no_grad():
+            for m in (model, other):
+                lp = m(input_ids=ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+                mean += lp[:, len(prompt) - 1:].sum(-1) / 2
+        items = got.items[b].tolist()
+        assert sorted(items) == list(range(n))  # as many beams as items: the search is exhaustive
+        assert torch.allclose(got.scores[b], mean[items], atol=1e-4)
+        assert (got.scores[b, 1:] <= got.scores[b, :-1] + 1e-6).all()
+
+
+def test_teacher_reward_scores_are_the_beam_search_scores(tiny, tmp_path, monkeypatch):
+    """bench/ablations/teacher_reward.py: with the policy as its teacher, a completion's teacher score
+    is the beam search's own score of it, and ranks within a group follow the beam order."""
+    import importlib.util
+    from pathlib import Path
+
+    model, tok, id2sid = tiny
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("TEACHERS", str(tmp_path / "m"))
+    path = Path(__file__).resolve().parents[1] / "bench" / "ablations" / "teacher_reward.py"
+    spec = importlib.util.spec_from_file_location("teacher_reward_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    trie = ItemTrie.from_id2sid(id2sid, tok)
+    msgs = [prompts.chat_messages(prompts.sft_row("sid_seq", f"User history (oldest first): <a_{i}><b_1><c_2>", ""))
+            for i in (1, 2)]
+    enc = tok([prompts.render_prompt(tok, m) for m in msgs], return_tensors="pt", padding=True,
+              padding_side="left", add_special_tokens=False, return_token_type_ids=False)
+    res = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 6)
+    beams = [(m, "".join(id2sid[int(i)])) for m, row in zip(msgs, res.items) for i in row]
+    ps, cs = [b[0] for b in beams], [b[1] for b in beams]
+    got = mod.teacher_scores(ps, cs)
+    assert torch.allclose(torch.tensor(got), res.scores.reshape(-1), atol=1e-4)
+    assert mod.group_ranks(ps, got) == list(range(6)) * 2
+    assert mod.teacher_rank(ps, cs) == [1 / math.log2(r + 2) for r in range(6)] * 2
