@@ -266,3 +266,7 @@ def test_teacher_reward_scores_are_the_beam_search_scores(tiny, tmp_path, monkey
     assert torch.allclose(torch.tensor(got), res.scores.reshape(-1), atol=1e-4)
     assert mod.group_ranks(ps, got) == list(range(6)) * 2
     assert mod.teacher_rank(ps, cs) == [1 / math.log2(r + 2) for r in range(6)] * 2
+    assert mod.teacher_gain(ps, cs, beam_rank=list(range(6)) * 2) == [0.0] * 12  # agrees with itself: no push
+    swapped = [1, 0, 2, 3, 4, 5] * 2
+    gain = mod.teacher_gain(ps, cs, beam_rank=swapped)
+    assert gain[0] > 0 > gain[1] and gain[2:6] == [0.0] * 4

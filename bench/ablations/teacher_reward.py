@@ -11,7 +11,12 @@ log-prob given the prompt (the beam search's score, so with the policy itself as
 ``beam_logp`` the trainer passes). Rewards use the rank within the prompt's group:
 
 * ``teacher_rank``: 1/log2(rank + 2), no label (distillation of the teachers' order of the beams);
-* ``teacher_cf``: 1 on a hit, else 1/log2(rank + 2) - 1 (``cf_rank`` with the teachers for SASRec).
+* ``teacher_cf``: 1 on a hit, else 1/log2(rank + 2) - 1 (``cf_rank`` with the teachers for SASRec);
+* ``teacher_gain``: 1/log2(teacher rank + 2) - 1/log2(own beam rank + 2), no label: zero where the
+  teachers agree with the policy's order, so a group moves only where they disagree (a rank reward
+  alone also sharpens the policy's own order: its top beams rise, its lower beams fall below items
+  outside the group);
+* ``sasrec_gain``: the same with the SASRec reward model of ``cf_rank`` as the teacher (no TEACHERS).
 
 Measured on the bundled data (README "What was tried"): both lowered valid NDCG@10, so neither is a
 built-in reward.
@@ -88,3 +93,35 @@ def teacher_cf(prompts=None, completions=None, completion_ids=None, **kwargs) ->
     ranks = group_ranks(prompts, teacher_scores(prompts, completions))
     hits = rule(prompts=prompts, completions=completions, **kwargs)
     return [1.0 if h == 1 else 1.0 / math.log2(r + 2) - 1.0 for h, r in zip(hits, ranks)]
+
+
+def _gain(ranks: list[int], beam_rank) -> list[float]:
+    if beam_rank is None:
+        raise ValueError("the gain rewards need beam-search rollouts (rollout_mode: beam), which pass beam_rank")
+    return [1.0 / math.log2(r + 2) - 1.0 / math.log2(int(b) + 2) for r, b in zip(ranks, beam_rank)]
+
+
+def teacher_gain(prompts=None, completions=None, completion_ids=None, **kwargs) -> list[float]:
+    """1/log2(teacher rank within the group + 2) - 1/log2(own beam rank + 2); no label."""
+    return _gain(group_ranks(prompts, teacher_scores(prompts, completions)), kwargs.get("beam_rank"))
+
+
+def sasrec_gain(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
+                **kwargs) -> list[float]:
+    """``teacher_gain`` with SASRec's scores of the beams (the cf_rank reward model); no label."""
+    from pathlib import Path
+
+    from rewards import extra_infos
+    from rewards.collaborative import _reward_model
+
+    if not data_dir:
+        raise ValueError("sasrec_gain needs the data folder (the trainer passes data_dir)")
+    scorer, sid_to_item, _ = _reward_model(str(Path(data_dir).resolve()))
+    infos = extra_infos(kwargs, len(completions))
+    keys = sorted({(int(x["user_id"]), int(x["position"])) for x in infos})
+    row = {k: j for j, k in enumerate(keys)}
+    with torch.no_grad():
+        s = scorer.score_rows([{"user_id": u, "position": p} for u, p in keys])
+    score = [float(s[row[(int(x["user_id"]), int(x["position"]))], sid_to_item[completion_text(c).strip()]])
+             for c, x in zip(completions, infos)]
+    return _gain(group_ranks(prompts, score), kwargs.get("beam_rank"))
