@@ -240,6 +240,17 @@ def test_ensemble_ranks_by_the_mean_log_probability(tiny, cache_mode):
         assert (got.scores[b, 1:] <= got.scores[b, :-1] + 1e-6).all()
 
 
+def _teacher_reward_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "ablations" / "teacher_reward.py"
+    spec = importlib.util.spec_from_file_location("teacher_reward_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_teacher_reward_scores_are_the_beam_search_scores(tiny, tmp_path, monkeypatch):
     """bench/ablations/teacher_reward.py: with the policy as its teacher, a completion's teacher score
     is the beam search's own score of it, and ranks within a group follow the beam order."""
@@ -250,10 +261,7 @@ def test_teacher_reward_scores_are_the_beam_search_scores(tiny, tmp_path, monkey
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     monkeypatch.setenv("TEACHERS", str(tmp_path / "m"))
-    path = Path(__file__).resolve().parents[1] / "bench" / "ablations" / "teacher_reward.py"
-    spec = importlib.util.spec_from_file_location("teacher_reward_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _teacher_reward_module()
     trie = ItemTrie.from_id2sid(id2sid, tok)
     msgs = [prompts.chat_messages(prompts.sft_row("sid_seq", f"User history (oldest first): <a_{i}><b_1><c_2>", ""))
             for i in (1, 2)]
@@ -270,3 +278,23 @@ def test_teacher_reward_scores_are_the_beam_search_scores(tiny, tmp_path, monkey
     swapped = [1, 0, 2, 3, 4, 5] * 2
     gain = mod.teacher_gain(ps, cs, beam_rank=swapped)
     assert gain[0] > 0 > gain[1] and gain[2:6] == [0.0] * 4
+
+
+def test_sasrec_gain_orders_each_group_by_the_reward_models_scores(monkeypatch):
+    """sasrec_gain: within each prompt's group, SASRec's order of the beams minus their own order."""
+    import rewards.collaborative as collab
+
+    class Scorer:
+        def score_rows(self, rows):  # user u prefers item i by -|i - u|
+            return torch.tensor([[-abs(i - r["user_id"]) for i in range(5)] for r in rows], dtype=torch.float)
+
+    sid = {f"<a_{i}>": i for i in range(5)}
+    monkeypatch.setattr(collab, "_reward_model", lambda data_dir: (Scorer(), sid, torch.arange(5)))
+    mod = _teacher_reward_module()
+    comps = ["<a_0>", "<a_2>", "<a_1>", "<a_4>", "<a_3>", "<a_2>"]   # two groups of 3, in beam order
+    ps = ["p0"] * 3 + ["p4"] * 3
+    info = [{"user_id": 0, "position": 1, "target": 0}] * 3 + [{"user_id": 4, "position": 1, "target": 4}] * 3
+    g = lambda r: 1 / math.log2(r + 2)  # noqa: E731
+    got = mod.sasrec_gain(ps, comps, data_dir=".", beam_rank=[0, 1, 2] * 2, extra_info=info)
+    # group 1: SASRec ranks items 0, 1, 2 first: beams (0, 2, 1) -> teacher ranks (0, 2, 1)
+    assert got == pytest.approx([0.0, g(2) - g(1), g(1) - g(2), 0.0, 0.0, 0.0])

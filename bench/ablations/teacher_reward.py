@@ -16,7 +16,8 @@ log-prob given the prompt (the beam search's score, so with the policy itself as
   teachers agree with the policy's order, so a group moves only where they disagree (a rank reward
   alone also sharpens the policy's own order: its top beams rise, its lower beams fall below items
   outside the group);
-* ``sasrec_gain``: the same with the SASRec reward model of ``cf_rank`` as the teacher (no TEACHERS).
+* ``sasrec_gain``: the same with the SASRec reward model of ``cf_rank`` as the teacher (no TEACHERS);
+* ``fused_gain``: the same with the mean of the TEACHERS' and SASRec's ranks as the teacher order.
 
 Measured on the bundled data (README "What was tried"): both lowered valid NDCG@10, so neither is a
 built-in reward.
@@ -109,19 +110,31 @@ def teacher_gain(prompts=None, completions=None, completion_ids=None, **kwargs) 
 def sasrec_gain(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
                 **kwargs) -> list[float]:
     """``teacher_gain`` with SASRec's scores of the beams (the cf_rank reward model); no label."""
+    return _gain(group_ranks(prompts, sasrec_scores(completions, kwargs, data_dir)), kwargs.get("beam_rank"))
+
+
+def fused_gain(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
+               **kwargs) -> list[float]:
+    """``teacher_gain`` with the mean of the TEACHERS' and SASRec's within-group ranks as the teacher order."""
+    llm = group_ranks(prompts, teacher_scores(prompts, completions))
+    cf = group_ranks(prompts, sasrec_scores(completions, kwargs, data_dir))
+    return _gain(group_ranks(prompts, [-(a + b) / 2 for a, b in zip(llm, cf)]), kwargs.get("beam_rank"))
+
+
+def sasrec_scores(completions: list, kwargs: dict, data_dir: str | None) -> list[float]:
+    """SASRec's score of each completion's item for its row's user (the cf_rank reward model)."""
     from pathlib import Path
 
     from rewards import extra_infos
     from rewards.collaborative import _reward_model
 
     if not data_dir:
-        raise ValueError("sasrec_gain needs the data folder (the trainer passes data_dir)")
+        raise ValueError("the SASRec rewards need the data folder (the trainer passes data_dir)")
     scorer, sid_to_item, _ = _reward_model(str(Path(data_dir).resolve()))
     infos = extra_infos(kwargs, len(completions))
     keys = sorted({(int(x["user_id"]), int(x["position"])) for x in infos})
     row = {k: j for j, k in enumerate(keys)}
     with torch.no_grad():
         s = scorer.score_rows([{"user_id": u, "position": p} for u, p in keys])
-    score = [float(s[row[(int(x["user_id"]), int(x["position"]))], sid_to_item[completion_text(c).strip()]])
-             for c, x in zip(completions, infos)]
-    return _gain(group_ranks(prompts, score), kwargs.get("beam_rank"))
+    return [float(s[row[(int(x["user_id"]), int(x["position"]))], sid_to_item[completion_text(c).strip()]])
+            for c, x in zip(completions, infos)]
