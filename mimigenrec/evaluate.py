@@ -746,7 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", action="append", metavar="[NAME=]PATH",
       help="model checkpoint dir (repeatable); NAME labels its table row (unset: the folder name); a folder with "
       "item_head.json is ranked by its item head (one forward pass per row) instead of beam search; DIR_A+DIR_B "
-      "ranks by the mean log-probability of several checkpoints that share a tokenizer (mimigenrec.models.ensemble)")
+      "ranks by several checkpoints that share a tokenizer, each token's log-prob the log-softmax of their mean "
+      "log-probs (mimigenrec.models.ensemble)")
     a("--baseline", action="append", choices=BASELINE_NAMES,
       help="baseline to evaluate (repeatable); with --model and no --baseline, popularity and sasrec are added "
       "(--task query: query_last and query_history, the only baselines of that task)")

@@ -206,9 +206,9 @@ def test_tree_mode_is_the_default_for_full_attention_models(tiny):
 
 @pytest.mark.parametrize("cache_mode", ["tree", "expand"])
 def test_ensemble_ranks_by_the_mean_log_probability(tiny, cache_mode):
-    """EnsembleLM: the beam search over two models returns every item by the mean of the two
-    models' summed answer log-probs (checked exhaustively by teacher forcing), and an ensemble of a
-    model with itself ranks exactly as the model."""
+    """EnsembleLM: the beam search over two models returns every item by the sum over its answer tokens
+    of the log-softmax of the two models' mean log-probs (checked exhaustively by teacher forcing), and
+    an ensemble of a model with itself ranks exactly as the model."""
     import copy
 
     from mimigenrec.models.ensemble import EnsembleLM
@@ -229,11 +229,10 @@ def test_ensemble_ranks_by_the_mean_log_probability(tiny, cache_mode):
     for b in range(2):
         prompt = enc.input_ids[b][enc.attention_mask[b].bool()].tolist()
         ids = torch.tensor([prompt + answers[i] for i in range(n)])
-        mean = torch.zeros(n)
-        with torch.no_grad():
-            for m in (model, other):
-                lp = m(input_ids=ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-                mean += lp[:, len(prompt) - 1:].sum(-1) / 2
+        with torch.no_grad():  # per token: log-softmax of the members' mean log-probs (renormalised)
+            lp = torch.stack([m(input_ids=ids).logits[:, :-1].log_softmax(-1) for m in (model, other)]).mean(0)
+            tok_lp = lp.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        mean = tok_lp[:, len(prompt) - 1:].sum(-1)
         items = got.items[b].tolist()
         assert sorted(items) == list(range(n))  # as many beams as items: the search is exhaustive
         assert torch.allclose(got.scores[b], mean[items], atol=1e-4)

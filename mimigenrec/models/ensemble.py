@@ -1,8 +1,9 @@
 """Several causal LMs that share one tokenizer, scored as one: the mean of their log-probabilities.
 
-``EnsembleLM(models)`` answers ``forward`` like a single Hugging Face causal LM, so the constrained
-beam search ranks items by the mean over the members of each item's summed answer log-probability
-(a product of experts, renormalised per token). Each member keeps its own KV cache inside an
+``EnsembleLM(models)`` answers ``forward`` like a single Hugging Face causal LM whose next-token
+log-probabilities are the log-softmax of the members' mean log-probabilities (a product of experts,
+renormalised per token), so the constrained beam search ranks an item by the sum of those over its
+answer tokens: the mean of the members' summed log-probs plus the per-token normalisers. Each member keeps its own KV cache inside an
 :class:`EnsembleCache`, which forwards the cache operations the beam search uses.
 
 The use here: the default recipe trains two SFT seeds and keeps the better on valid; ranking with
@@ -35,7 +36,7 @@ class EnsembleCache:
 
 
 class EnsembleLM(torch.nn.Module):
-    """Mean of the members' log-softmax outputs, returned as logits (a log-softmax of it changes nothing)."""
+    """The members' mean log-softmax outputs, returned as logits (a log-softmax then renormalises them)."""
 
     def __init__(self, models: Sequence[torch.nn.Module]) -> None:
         super().__init__()
