@@ -80,7 +80,10 @@ def select(data_dir: str | Path, run_dir: str | Path | list[str | Path], split: 
         name = ckpt.name if len(runs) == 1 else f"{run.name}/{ckpt.name}"
         scores.append({"checkpoint": name, metric: m, f"{metric}_se": se, "rows": len(rows)})
         print(f"[select] {name}: {split} {metric} {m:.4f} ± {se:.4f} ({len(rows)} rows)", flush=True)
-    best = max(range(len(scores)), key=lambda i: (scores[i][metric], -i))
+    def best_of(indices) -> int:  # the highest metric, the earliest of equals
+        return max(indices, key=lambda i: (scores[i][metric], -i))
+
+    best = best_of(range(len(scores)))
     dest, src = runs[0], pool[best][1]
     if src != dest:
         for f in _model_files(src):
@@ -92,8 +95,7 @@ def select(data_dir: str | Path, run_dir: str | Path | list[str | Path], split: 
 
         record["runs"] = [str(r) for r in runs]
         # the winner (now in the first run dir) and every other run's own best: evaluate.sh --model NAME=<this>
-        others = [max((i for i, (r, _) in enumerate(pool) if r == run), key=lambda i: (scores[i][metric], -i))
-                  for run in runs if run != pool[best][0]]
+        others = [best_of(i for i, (r, _) in enumerate(pool) if r == run) for run in runs if run != pool[best][0]]
         record["ensemble"] = SEPARATOR.join([str(dest)] + [str(pool[i][1]) for i in others])
     (dest / "checkpoint_selection.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"[select] kept {scores[best]['checkpoint']} ({split} {metric} {scores[best][metric]:.4f}): "
