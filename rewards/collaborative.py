@@ -35,31 +35,42 @@ def _reward_model(data_dir: str):
     return scorer, sid_to_item, torch.tensor(sorted(data.universe))
 
 
-def _sasrec_ranks(completions, kwargs: dict, data_dir: str | None) -> list[int | str | None]:
-    """Per completion: None (no target), "hit", "invalid" (not an item), or the answer's 0-based SASRec rank."""
+def sasrec_scored(completions, kwargs: dict, data_dir: str | None
+                  ) -> tuple[list[tuple[int | None, int, torch.Tensor] | None], torch.Tensor]:
+    """Per completion whose row names a target and a user: ``(its item id, None if not an item; the
+    target; SASRec's scores of every item for the row's user)``, None elsewhere; and the ids of the
+    items evaluation ranks. Every row's scores come from one batched SASRec call."""
     if not data_dir:
         raise ValueError("the cf rewards need the data folder (the trainer passes data_dir)")
     scorer, sid_to_item, universe = _reward_model(str(Path(data_dir).resolve()))
     completions = list(completions or [])
     infos = extra_infos(kwargs, len(completions))
-    out: list[int | str | None] = [None] * len(completions)
+    out: list[tuple[int | None, int, torch.Tensor] | None] = [None] * len(completions)
     todo = [k for k, info in enumerate(infos) if info.get("target") is not None and "user_id" in info]
     if not todo:
-        return out
+        return out, universe
     keys = sorted({(int(infos[k]["user_id"]), int(infos[k]["position"])) for k in todo})
     with torch.no_grad():
         scores = scorer.score_rows([{"user_id": u, "position": p} for u, p in keys])
     row_of = {key: j for j, key in enumerate(keys)}
     for k in todo:
         info = infos[k]
-        item = sid_to_item.get(completion_text(completions[k]).strip())
-        if item is None:
-            out[k] = "invalid"
-        elif item == int(info["target"]):
-            out[k] = "hit"
-        else:
-            s = scores[row_of[(int(info["user_id"]), int(info["position"]))]]
-            out[k] = int((s[universe] > s[item]).sum())  # among the items evaluation ranks
+        out[k] = (sid_to_item.get(completion_text(completions[k]).strip()), int(info["target"]),
+                  scores[row_of[(int(info["user_id"]), int(info["position"]))]])
+    return out, universe
+
+
+def _sasrec_ranks(completions, kwargs: dict, data_dir: str | None) -> list[int | str | None]:
+    """Per completion: None (no target), "hit", "invalid" (not an item), or the answer's 0-based SASRec rank."""
+    scored, universe = sasrec_scored(completions, kwargs, data_dir)
+    out: list[int | str | None] = []
+    for x in scored:
+        if x is None:
+            out.append(None)
+            continue
+        item, target, s = x
+        # the rank is among the items evaluation ranks
+        out.append("invalid" if item is None else "hit" if item == target else int((s[universe] > s[item]).sum()))
     return out
 
 

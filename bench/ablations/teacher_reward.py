@@ -123,18 +123,9 @@ def fused_gain(prompts=None, completions=None, completion_ids=None, *, data_dir:
 
 def sasrec_scores(completions: list, kwargs: dict, data_dir: str | None) -> list[float]:
     """SASRec's score of each completion's item for its row's user (the cf_rank reward model)."""
-    from pathlib import Path
+    from rewards.collaborative import sasrec_scored
 
-    from rewards import extra_infos
-    from rewards.collaborative import _reward_model
-
-    if not data_dir:
-        raise ValueError("the SASRec rewards need the data folder (the trainer passes data_dir)")
-    scorer, sid_to_item, _ = _reward_model(str(Path(data_dir).resolve()))
-    infos = extra_infos(kwargs, len(completions))
-    keys = sorted({(int(x["user_id"]), int(x["position"])) for x in infos})
-    row = {k: j for j, k in enumerate(keys)}
-    with torch.no_grad():
-        s = scorer.score_rows([{"user_id": u, "position": p} for u, p in keys])
-    return [float(s[row[(int(x["user_id"]), int(x["position"]))], sid_to_item[completion_text(c).strip()]])
-            for c, x in zip(completions, infos)]
+    scored, _ = sasrec_scored(completions, kwargs, data_dir)
+    if any(x is None or x[0] is None for x in scored):
+        raise ValueError("the SASRec rewards need rows with a target and a user, and completions that are items")
+    return [float(s[item]) for item, _, s in scored]
