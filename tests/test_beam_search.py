@@ -277,6 +277,9 @@ def test_teacher_reward_scores_are_the_beam_search_scores(tiny, tmp_path, monkey
     swapped = [1, 0, 2, 3, 4, 5] * 2
     gain = mod.teacher_gain(ps, cs, beam_rank=swapped)
     assert gain[0] > 0 > gain[1] and gain[2:6] == [0.0] * 4
+    kl = mod.teacher_kl(ps, cs, beam_logp=res.scores.reshape(-1).tolist())
+    assert max(abs(x) for x in kl) < 1e-4  # its own teacher: log-ratio 0
+    assert mod.teacher_kl(ps, cs, beam_logp=[x - 1.0 for x in got]) == pytest.approx([1.0] * 12)
 
 
 def test_sasrec_gain_orders_each_group_by_the_reward_models_scores(monkeypatch):
