@@ -3,7 +3,7 @@
 #
 #   ./evaluate.sh --data_dir O --split test --model out/sft [--baseline popularity] --output_dir X [...]
 #
-# Every argument goes to `python -m mimigenrec.evaluate` (run `./evaluate.sh --help` for all);
+# Every argument goes to `python -m mimigenrec.eval.evaluate` (run `./evaluate.sh --help` for all);
 # paths are relative to the directory you run it from.
 # Environment:
 #   NPROC        processes to shard rows over (default: visible GPUs, 1 without a GPU);
@@ -21,13 +21,13 @@ case " $* " in
   *" --help "*|*" -h "*)
     sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     echo
-    exec "$PYTHON" -m mimigenrec.evaluate --help ;;
+    exec "$PYTHON" -m mimigenrec.eval.evaluate --help ;;
 esac
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$("$PYTHON" -c "import torch; print(max(torch.cuda.device_count(), 1))" 2>/dev/null || echo 1)
 fi
 if [[ "$NPROC" -gt 1 ]]; then
   exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NPROC" --master_port "${MASTER_PORT:-29511}" \
-    -m mimigenrec.evaluate "$@"
+    -m mimigenrec.eval.evaluate "$@"
 fi
-exec "$PYTHON" -m mimigenrec.evaluate "$@"
+exec "$PYTHON" -m mimigenrec.eval.evaluate "$@"

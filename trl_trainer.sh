@@ -6,7 +6,7 @@ usage() {
   cat <<'USAGE'
 Usage: ./trl_trainer.sh CONFIG.yaml [key=value ...]
 
-Runs GRPO (mimigenrec.train_grpo: a TRL GRPOTrainer whose rollouts are trie-constrained valid
+Runs GRPO (mimigenrec.rl.train_grpo: a TRL GRPOTrainer whose rollouts are trie-constrained valid
 items) under `accelerate launch`, from the repository root. Paths: CONFIG, ACCELERATE_CONFIG
 and path overrides (model_name_or_path, data_dir, output_dir, resume_from_checkpoint,
 rewards=[path/to/file.py:fn]) may be relative to the directory you run from; relative paths
@@ -21,7 +21,7 @@ problem. Activates .venv if the repository has one.
                 use_lora, lora_r, lora_alpha, lora_dropout, lora_target_modules,
                 lora_modules_to_save, eval_every_steps, eval_rows, eval_num_beams, eval_k, select_best,
                 trainer (grpo | recpo: RecPO on an item-head folder, examples/head/recpo_tiny.yaml), recpo.
-                `python -m mimigenrec.train_grpo --help` describes each.
+                `python -m mimigenrec.rl.train_grpo --help` describes each.
   key=value     override a config field; the value is parsed as YAML
                 (max_steps=3, rewards=[rule,format], reward_weights=[1.0,0.2], use_lora=true,
                 resume_from_checkpoint=runs/rl/x/checkpoint-2 or resume_from_checkpoint=true).
@@ -88,7 +88,7 @@ launch=(--config_file "$ACCEL_CFG")
 
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 if command -v accelerate >/dev/null 2>&1; then
-  exec accelerate launch "${launch[@]}" -m mimigenrec.train_grpo "$CONFIG" "$@"
+  exec accelerate launch "${launch[@]}" -m mimigenrec.rl.train_grpo "$CONFIG" "$@"
 else
-  exec "$PY" -m accelerate.commands.launch "${launch[@]}" -m mimigenrec.train_grpo "$CONFIG" "$@"
+  exec "$PY" -m accelerate.commands.launch "${launch[@]}" -m mimigenrec.rl.train_grpo "$CONFIG" "$@"
 fi

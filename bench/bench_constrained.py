@@ -4,11 +4,11 @@
     plus the share of the constrained call spent inside the processor (robust on a shared CPU);
 (b) stock constrained beam search with a straightforward per-beam Python-loop processor (the seed-code
     style) vs ours: speed-up of the processor call and of the whole generate call;
-(c) mimigenrec.beam_search.constrained_beam_search (prefill once; its default tree-attention cache and
+(c) mimigenrec.decoding.beam_search.constrained_beam_search (prefill once; its default tree-attention cache and
     its expand-the-cache mode) vs stock constrained generate: evaluation rows per second.
 
-Models: random Qwen2s built offline (``mimigenrec.backbones.build_tiny_model``: "tiny", "wide") and
-SmolLM2-135M-Instruct imported from its PyPI-shipped GGUF (``mimigenrec.gguf_import``; "smollm2", the
+Models: random Qwen2s built offline (``mimigenrec.models.backbones.build_tiny_model``: "tiny", "wide") and
+SmolLM2-135M-Instruct imported from its PyPI-shipped GGUF (``mimigenrec.models.gguf_import``; "smollm2", the
 HF import cached under ``--model_cache``), all with 3-level SID tokens added as normal tokens
 (``add_item_tokens``; the imported model's SID rows are redrawn at its pretrained rows' spread, as
 transformers' resize leaves them near-identical, i.e. every ranking a near-tie). The catalogue is
@@ -34,10 +34,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 
 from mimigenrec import prompts
-from mimigenrec.backbones import add_item_tokens, build_tiny_model
-from mimigenrec.beam_search import constrained_beam_search, stock_generate_kwargs
-from mimigenrec.gguf_import import cache_dir, import_gguf
-from mimigenrec.trie import ItemTrie, TrieLogitsProcessor
+from mimigenrec.models.backbones import add_item_tokens, build_tiny_model
+from mimigenrec.decoding.beam_search import constrained_beam_search, stock_generate_kwargs
+from mimigenrec.models.gguf_import import cache_dir, import_gguf
+from mimigenrec.decoding.trie import ItemTrie, TrieLogitsProcessor
 
 
 @dataclass(frozen=True)

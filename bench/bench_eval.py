@@ -1,5 +1,5 @@
 """Throughput of full-ranking evaluation: rows/s of trie-constrained beam search through
-``python -m mimigenrec.evaluate`` with a tiny model.
+``python -m mimigenrec.eval.evaluate`` with a tiny model.
 
 ``python bench/bench_eval.py [--rows 32] [--num_beams 50] [--batch_size 8] [--n_items 3541] [--compare_generate]``
 
@@ -54,8 +54,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="data / model seed")
     a = ap.parse_args()
 
-    from mimigenrec import evaluate
-    from mimigenrec.backbones import build_tiny_model
+    from mimigenrec.eval import evaluate
+    from mimigenrec.models.backbones import build_tiny_model
 
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         root = Path(tmp) / "data"
@@ -76,8 +76,8 @@ def main() -> None:
 
 def time_generate(argv: list[str], a: argparse.Namespace) -> float:
     """Stock generate beam search + TrieLogitsProcessor on the same rows and batches."""
-    from mimigenrec import evaluate
-    from mimigenrec.beam_search import constrained_beam_search
+    from mimigenrec.eval import evaluate
+    from mimigenrec.decoding.beam_search import constrained_beam_search
 
     args = evaluate.build_parser().parse_args(argv)
     args.methods = [f"model:{args.model[0].split('=', 1)[1]}"]

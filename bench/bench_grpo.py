@@ -6,7 +6,7 @@ Same data and config for every model: the tests' small hand-made dataset (30 ite
 SIDs, SID and candidate rows), ``num_generations`` rollouts per prompt, rewards
 ``rule + partial_match + candidate_choice`` (``ndcg_rank`` added in beam mode). Models: the tiny
 random Qwen2 of the tests, and SmolLM2-135M-Instruct imported from its GGUF by
-:mod:`mimigenrec.gguf_import` (skipped when that fails), SID tokens added. The device is CUDA
+:mod:`mimigenrec.models.gguf_import` (skipped when that fails), SID tokens added. The device is CUDA
 when available (bf16), else CPU (fp32). The first step is warm-up; the report is the median
 and mean of the others. Prints one JSON line per (model, mode).
 """
@@ -51,7 +51,7 @@ def step_timer():
 
 
 def prepare_models(names: list[str], work: Path, tokens: list[str], titles: list[str]) -> dict[str, Path]:
-    from mimigenrec.backbones import add_item_tokens, build_tiny_model
+    from mimigenrec.models.backbones import add_item_tokens, build_tiny_model
 
     out: dict[str, Path] = {}
     for name in names:
@@ -61,7 +61,7 @@ def prepare_models(names: list[str], work: Path, tokens: list[str], titles: list
             try:
                 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-                from mimigenrec.gguf_import import import_gguf
+                from mimigenrec.models.gguf_import import import_gguf
 
                 path = import_gguf("smollm2", work / "smollm2_base")
                 tok = AutoTokenizer.from_pretrained(path)
@@ -80,8 +80,8 @@ def prepare_models(names: list[str], work: Path, tokens: list[str], titles: list
 def bench_one(model_dir: Path, data_dir: Path, mode: str, steps: int, out_dir: Path, G: int) -> dict:
     import torch
 
-    from mimigenrec.rl_config import load_config
-    from mimigenrec.train_grpo import build_trainer
+    from mimigenrec.rl.config import load_config
+    from mimigenrec.rl.train_grpo import build_trainer
 
     cuda = torch.cuda.is_available()
     rewards = ["rule", "partial_match", "candidate_choice"] + (["ndcg_rank"] if mode == "beam" else [])

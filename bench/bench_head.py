@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--num_beams", type=int, default=50)
     a = ap.parse_args()
 
-    from mimigenrec import evaluate
+    from mimigenrec.eval import evaluate
 
     args = evaluate.build_parser().parse_args([
         "--data_dir", a.data_dir, "--split", "test", "--model", f"head={a.head}", "--model", f"beam={a.sid_model}",

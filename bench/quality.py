@@ -11,18 +11,18 @@ figures are what a user gets:
 
 1. ``python -m preprocess all ... --tasks sid_seq --sid_method rqvae`` (RQ-VAE SIDs: the best of the four
    methods on valid, README; leave-one-out);
-2. ``python -m mimigenrec.backbones tiny`` (random Qwen2, 4 layers x 128, one token per fixed
+2. ``python -m mimigenrec.models.backbones tiny`` (random Qwen2, 4 layers x 128, one token per fixed
    prompt phrase);
 3. ``bash sft.sh examples/sft/tiny_full.yaml`` (stock LLaMA-Factory, the answer trained, rows of
    similar length batched together, one checkpoint per epoch), once per seed (``--sft_seeds``, 2);
-4. ``python -m mimigenrec.select_checkpoint`` (the epoch and seed with the best valid NDCG@10); with two
+4. ``python -m mimigenrec.eval.select_checkpoint`` (the epoch and seed with the best valid NDCG@10); with two
    or more seeds the ``tiny_sft_ens`` row ranks by the mean log-prob of the kept model and the other
    seeds' own best checkpoints (``mimigenrec.models.ensemble``; no training, twice the inference);
 5. ``bash trl_trainer.sh examples/rl/tiny_beam.yaml`` (GRPO, 16 constrained beams per prompt,
    target injected into groups that miss it, the watch keeps a later step only when it beats step 0 by 2 s.e. of valid NDCG@10);
 6. ONE ``bash evaluate.sh`` call with every model beside ``--baseline popularity --baseline
    sasrec`` on the full test split;
-7. ``mimigenrec.compare``: paired bootstrap 95% intervals (GRPO vs SFT, LLMs vs SASRec, ensemble vs SFT).
+7. ``mimigenrec.eval.compare``: paired bootstrap 95% intervals (GRPO vs SFT, LLMs vs SASRec, ensemble vs SFT).
 
 With ``--smollm2`` a second evaluate call scores every method again on a seeded subset of
 ``--smollm2_eval_rows`` test rows (SmolLM2 beam search is slow on CPU), a separate table.
@@ -275,7 +275,7 @@ def grpo_result(out_dir: Path) -> dict:
 def pipeline(a: argparse.Namespace) -> dict:
     import torch  # the venv's torch: decides the device the same way evaluate --device auto does
 
-    from mimigenrec.compare import compare
+    from mimigenrec.eval.compare import compare
 
     cuda = torch.cuda.is_available()
     spec = dataset_spec(a)
@@ -292,7 +292,7 @@ def pipeline(a: argparse.Namespace) -> dict:
                          *spec["extra"], "--out_dir", str(data), "--kcore", "0", "--split", "loo",
                          "--name", spec["name"], "--tasks", "sid_seq", "--sid_method", a.sid_method,
                          "--seed", str(a.seed)])
-    r.run("backbone", [py, "-m", "mimigenrec.backbones", "tiny", "--out", str(models / "tiny"),
+    r.run("backbone", [py, "-m", "mimigenrec.models.backbones", "tiny", "--out", str(models / "tiny"),
                        "--data_dir", str(data), "--hidden_size", str(a.tiny_hidden),
                        "--num_layers", str(a.tiny_layers), "--embed_std", "0.02", "--sid_init", a.sid_init,
                        "--add_sid_tokens"], after=("preprocess",), fresh=ROOT / models / "tiny")
@@ -313,7 +313,7 @@ def pipeline(a: argparse.Namespace) -> dict:
                                  f"output_dir={out}", *length, f"learning_rate={a.sft_lr:g}", f"seed={seed}",
                                  *sft_common, *gpu_train], None, ("preprocess", "backbone"), ROOT / out))
     r.run_many(sft_jobs)
-    r.run("select_sft", [py, "-m", "mimigenrec.select_checkpoint", "--data_dir", str(data),
+    r.run("select_sft", [py, "-m", "mimigenrec.eval.select_checkpoint", "--data_dir", str(data),
                          *[x for out in sft_runs.values() for x in ("--run_dir", str(out))],
                          "--max_rows", str(a.select_rows), "--seed", str(a.seed)],
           after=("preprocess", *sft_runs))
@@ -339,7 +339,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         llms[name] = Path(path)
     if a.smollm2:
         smol = runs / "models" / "smollm2"   # the import is the same for every dataset
-        r.run("import_smollm2", [py, "-m", "mimigenrec.gguf_import", "--model", "smollm2", "--out", str(smol)])
+        r.run("import_smollm2", [py, "-m", "mimigenrec.models.gguf_import", "--model", "smollm2", "--out", str(smol)])
         r.run("sft_smollm2", ["bash", "sft.sh", "examples/sft/smollm2_full.yaml", f"model_name_or_path={smol}",
                               f"output_dir={models / 'smollm2_sft'}", f"max_steps={a.smollm2_sft_steps}",
                               "eval_strategy=no", *sft_common, *gpu_train],
@@ -478,7 +478,7 @@ def render(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    sys.path.insert(0, str(ROOT))  # mimigenrec.compare, when run as a script from elsewhere
+    sys.path.insert(0, str(ROOT))  # mimigenrec.eval.compare, when run as a script from elsewhere
     res = pipeline(a)
     out = ROOT / a.out
     out.mkdir(parents=True, exist_ok=True)

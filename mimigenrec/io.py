@@ -286,7 +286,7 @@ def check_model_dir(path: str | os.PathLike, role: str = "model") -> Path:
     """``path`` as a Hugging Face model folder, or an error saying what it is instead and what to do."""
     p = Path(path)
     if p.suffix == ".gguf":
-        raise bad(p, f"{role} is a GGUF file", "convert it first: python -m mimigenrec.gguf_import --help")
+        raise bad(p, f"{role} is a GGUF file", "convert it first: python -m mimigenrec.models.gguf_import --help")
     if not p.exists():
         raise bad(p, f"no such {role} folder", "give the output_dir of an SFT or GRPO run (a folder with config.json)")
     if not p.is_dir():

@@ -70,7 +70,7 @@ def fixed_phrases() -> list[str]:
     """Every fixed string a prompt is built from (system prompt, instructions, headers), longest first.
 
     A tokenizer trained for this template may hold each as one token (see
-    :func:`mimigenrec.backbones.build_tiny_model`), so a small model from scratch spends its
+    :func:`mimigenrec.models.backbones.build_tiny_model`), so a small model from scratch spends its
     compute on the history, not on boilerplate.
     """
     texts = {SYSTEM, HISTORY_HEADER, CANDIDATES_HEADER, REFERENCE_HEADER, ITEM_TITLE_HEADER, SID_HEADER}

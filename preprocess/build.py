@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_train_rows", type=int, default=0, help="cap per training task (0 = no cap; seeded subsample)")
     p.add_argument("--sft_model", default=None,
                    help="model_name_or_path written into the SFT yamls (a folder relative to the current directory, "
-                        "or a hub id; default O/models/tiny, which `python -m mimigenrec.backbones tiny` creates)")
+                        "or a hub id; default O/models/tiny, which `python -m mimigenrec.models.backbones tiny` creates)")
 
 
 def _seeded_pick(keys: list[tuple], k: int, seed: int) -> set[tuple]:
@@ -108,7 +108,7 @@ class _Builder:
 
     def candidates(self, split: str) -> list[list[int]]:
         if split not in self._cands:
-            from mimigenrec.candidates import cached_candidates
+            from mimigenrec.eval.candidates import cached_candidates
             from mimigenrec.sequences import UserSequences
 
             seqs = UserSequences(self.rows).seqs
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         counts[split] = {"sft": len(sft), "rl": len(rl)}
     cand_record = None
     if b._cands:
-        from mimigenrec.candidates import cache_path
+        from mimigenrec.eval.candidates import cache_path
 
         files = {}
         for split in b._cands:
@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
           + f"; CoT rows {n_cot}; registered in {' and '.join(map(str, infos))}; {time.time() - t0:.1f}s")
     if not Path(model).exists():
         print(f"[build] note: {b.d.root / 'sft_full.yaml'} trains {model}, which does not exist yet: create it "
-              f"(python -m mimigenrec.backbones tiny --out {model} --data_dir {root}), or pass --sft_model DIR, "
+              f"(python -m mimigenrec.models.backbones tiny --out {model} --data_dir {root}), or pass --sft_model DIR, "
               "or launch with model_name_or_path=DIR")
     write_json(b.d.root / "build_stats.json", {"counts": counts, "cot_rows": n_cot, "seconds": time.time() - t0,
                                                "tasks": _csv(args.tasks), "cot_prob": args.cot_prob,

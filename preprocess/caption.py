@@ -26,10 +26,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mimigenrec.append_log import AppendLog
+from preprocess.append_log import AppendLog
 from mimigenrec.io import DataDir, add_out_dir_argument, caption_is_current, write_jsonl
-from mimigenrec.llm_backends import Backend, add_backend_arguments, backend_from_args, chat_validated
-from mimigenrec.reasoning_prompts import caption_messages
+from preprocess.llm_backends import Backend, add_backend_arguments, backend_from_args, chat_validated
+from preprocess.reasoning_prompts import caption_messages
 
 SKIPPED_FILE = "captions_skipped.jsonl"
 

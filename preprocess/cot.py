@@ -45,9 +45,9 @@ from mimigenrec.io import (
     iter_records,
     write_jsonl,
 )
-from mimigenrec.llm_backends import Backend, HFCausalLM, add_backend_arguments, backend_from_args, chat_validated
+from preprocess.llm_backends import Backend, HFCausalLM, add_backend_arguments, backend_from_args, chat_validated
 from mimigenrec.prompts import render_history
-from mimigenrec.reasoning_prompts import (
+from preprocess.reasoning_prompts import (
     hindsight_messages,
     judge_likelihood_messages,
     judge_llm_messages,

@@ -23,7 +23,7 @@ from rewards import completion_text, extra_infos
 def _reward_model(data_dir: str):
     """``(SASRecScorer, {sid string: item id}, universe ids)`` for ``data_dir``, trained or read from its cache."""
     from mimigenrec import prompts
-    from mimigenrec.evaluate import build_parser, load_eval_data, load_sasrec
+    from mimigenrec.eval.evaluate import build_parser, load_eval_data, load_sasrec
     from mimigenrec.io import DataDir
 
     args = build_parser().parse_args(["--data_dir", data_dir, "--split", "test", "--baseline", "sasrec",

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from mimigenrec import prompts
-from mimigenrec.backbones import build_tiny_model, semantic_sid_vectors
+from mimigenrec.models.backbones import build_tiny_model, semantic_sid_vectors
 
 
 def test_semantic_vectors_are_residual_code_means():

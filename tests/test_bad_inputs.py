@@ -16,7 +16,8 @@ from typing import Callable
 
 import pytest
 
-from mimigenrec import evaluate, sft_config
+from mimigenrec import sft_config
+from mimigenrec.eval import evaluate
 from mimigenrec.io import DataDir, read_json, read_jsonl, write_json, write_jsonl
 from mimigenrec.toy_data import make_dataset
 from preprocess.__main__ import main as preprocess
@@ -54,7 +55,7 @@ def amazon(tmp: Path, *extra: str, stage: str = "amazon18") -> list[str]:
 
 
 def tiny_model(path: Path, tokens: list[str] | None, seed: int = 0) -> Path:
-    from mimigenrec.backbones import build_tiny_model
+    from mimigenrec.models.backbones import build_tiny_model
 
     return build_tiny_model(path, new_tokens=tokens, vocab_size=300, seed=seed)
 

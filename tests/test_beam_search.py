@@ -9,8 +9,8 @@ import torch
 from test_trie import sharpen  # tests/ is on sys.path (no package)
 
 from mimigenrec import prompts
-from mimigenrec.beam_search import BeamResult, constrained_beam_search, tree_attention_supported
-from mimigenrec.trie import ItemTrie
+from mimigenrec.decoding.beam_search import BeamResult, constrained_beam_search, tree_attention_supported
+from mimigenrec.decoding.trie import ItemTrie
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +18,7 @@ def tiny(tmp_path_factory):
     """Tiny random Qwen2 (SID tokens added) and a unique random id2sid over 60 items."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mimigenrec.backbones import build_tiny_model
+    from mimigenrec.models.backbones import build_tiny_model
 
     tokens = [f"<{lvl}_{i}>" for lvl in "abc" for i in range(8)]
     out = build_tiny_model(tmp_path_factory.mktemp("tiny_beam"), new_tokens=tokens, seed=1)

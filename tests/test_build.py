@@ -97,7 +97,7 @@ def test_missing_inputs_are_clear_errors(tmp_path, capsys):
 
 
 def _eval(root, out, *extra) -> int:
-    from mimigenrec import evaluate
+    from mimigenrec.eval import evaluate
 
     return evaluate.main(["--data_dir", str(root), "--task", "cand_rank", "--baseline", "popularity",
                           "--output_dir", str(out), "--ks", "1,3", "--quiet", *extra])

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from mimigenrec.append_log import AppendLog
+from preprocess.append_log import AppendLog
 from mimigenrec.io import BadInputError
-from mimigenrec.llm_backends import OpenAIChatBackend
+from preprocess.llm_backends import OpenAIChatBackend
 from mimigenrec.prompts import item_ref, sid_string
-from mimigenrec.reasoning_prompts import caption_messages, parse_judge_score
+from preprocess.reasoning_prompts import caption_messages, parse_judge_score
 from preprocess.__main__ import main as preprocess_main
 from preprocess.cot import load_kept_cot, pseudo_cot
 

@@ -1,4 +1,4 @@
-"""End to end: ``python -m mimigenrec.evaluate`` on a tiny synthetic dataset (baselines, tiny model,
+"""End to end: ``python -m mimigenrec.eval.evaluate`` on a tiny synthetic dataset (baselines, tiny model,
 sharding, resume)."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimigenrec import evaluate
-from mimigenrec.baselines import SASRecConfig
-from mimigenrec.baselines.sasrec import train_sasrec
+from mimigenrec.eval import evaluate
+from mimigenrec.eval.baselines import SASRecConfig
+from mimigenrec.eval.baselines.sasrec import train_sasrec
 from mimigenrec.sequences import load_sequences
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def data(tmp_path_factory) -> tuple[Path, dict[int, list[int]]]:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory, data) -> Path:
-    from mimigenrec.backbones import build_tiny_model
+    from mimigenrec.models.backbones import build_tiny_model
 
     toks = json.loads((data[0] / "new_tokens.json").read_text())
     return build_tiny_model(tmp_path_factory.mktemp("tiny"), new_tokens=toks, vocab_size=400)
@@ -248,7 +248,7 @@ def test_two_processes_equal_one(data, tiny_model, tmp_path):
     assert evaluate.main([*common, "--output_dir", str(one)]) == 0
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
-           "-m", "mimigenrec.evaluate", *common, "--output_dir", str(two)]
+           "-m", "mimigenrec.eval.evaluate", *common, "--output_dir", str(two)]
     res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     m1 = json.loads((one / "metrics.json").read_text())

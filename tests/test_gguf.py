@@ -10,7 +10,7 @@ import os
 import pytest
 
 from mimigenrec import prompts
-from mimigenrec.gguf_import import build_tokenizer, check_tokenizer
+from mimigenrec.models.gguf_import import build_tokenizer, check_tokenizer
 
 
 def _byte_tokens() -> list[str]:
@@ -79,7 +79,7 @@ def test_gemma_chat_template_matches_llamafactory_gemma(with_system):
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from mimigenrec.gguf_import import fetch_gguf, import_gguf
+    from mimigenrec.models.gguf_import import fetch_gguf, import_gguf
 
     try:
         path = fetch_gguf("smollm2")
@@ -133,7 +133,7 @@ def test_gemma3_import(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mimigenrec.gguf_import import fetch_gguf, import_gguf
+    from mimigenrec.models.gguf_import import fetch_gguf, import_gguf
     from mimigenrec.sft_config import lf_encode_row
 
     try:

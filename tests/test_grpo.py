@@ -46,7 +46,7 @@ def write_rl_splits(d, cand_every: int = 0, n_cands: int = 5, seed: int = 0) -> 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny dataset (SID rows + candidate rows) and a tiny model holding its SID tokens."""
-    from mimigenrec.backbones import build_tiny_model
+    from mimigenrec.models.backbones import build_tiny_model
 
     root = tmp_path_factory.mktemp("grpo")
     d = make_dataset(root / "ds")
@@ -58,8 +58,8 @@ def world(tmp_path_factory):
 
 
 def make_trainer(world, tmp_path, **overrides):
-    from mimigenrec.rl_config import load_config
-    from mimigenrec.train_grpo import build_trainer
+    from mimigenrec.rl.config import load_config
+    from mimigenrec.rl.train_grpo import build_trainer
 
     values = dict(model_name_or_path=str(world.model), data_dir=str(world.data.root), output_dir=str(tmp_path / "out"),
                   num_generations=G, per_device_train_batch_size=2 * G, max_steps=1, eval_rows=0, seed=0,
@@ -118,7 +118,7 @@ def test_beam_groups_are_the_evaluation_ranking(world, tmp_path):
     """A beam group = evaluate.sh's top num_generations items for that prompt, in the same order."""
     import argparse
 
-    from mimigenrec.evaluate import ModelRanker, load_eval_data
+    from mimigenrec.eval.evaluate import ModelRanker, load_eval_data
 
     trainer = make_trainer(world, tmp_path, rollout_mode="beam", rewards=["rule"])
     sid_rows = [i for i, r in enumerate(trainer.train_dataset) if r["extra_info"]["task"] == "sid_seq"][:3]
@@ -286,7 +286,7 @@ def test_unconstrained_mode_is_stock_trl(world, tmp_path):
 
 
 def test_answer_space_regex_and_vllm_guards(world, tmp_path):
-    from mimigenrec.grpo import ConstrainedGRPOTrainer
+    from mimigenrec.rl.grpo import ConstrainedGRPOTrainer
 
     trainer = make_trainer(world, tmp_path, rewards=["rule"])
     space = trainer.answer_space
@@ -306,7 +306,7 @@ def test_answer_space_regex_and_vllm_guards(world, tmp_path):
 
 
 def test_config_overrides_and_errors(tmp_path):
-    from mimigenrec.rl_config import load_config
+    from mimigenrec.rl.config import load_config
 
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("rewards: [rule]\nnum_generations: 4\nper_device_train_batch_size: 4\nrollout_mode: sample\n")
@@ -323,7 +323,7 @@ def test_config_overrides_and_errors(tmp_path):
 
 
 def test_train_row_subset_is_seeded_and_zero_means_all():
-    from mimigenrec.train_grpo import _subset
+    from mimigenrec.rl.train_grpo import _subset
 
     rows = [{"i": i} for i in range(20)]
     assert _subset(rows, None, 0) == rows and _subset(rows, 0, 0) == rows and _subset(rows, 50, 0) == rows
@@ -360,8 +360,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_three_step_run_changes_weights_and_resumes(world):
-    from mimigenrec.rl_config import load_config
-    from mimigenrec.train_grpo import run
+    from mimigenrec.rl.config import load_config
+    from mimigenrec.rl.train_grpo import run
 
     out = world.root / "run"
     cfg = _run_config(world, out)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from mimigenrec.backbones import build_tiny_model
+    from mimigenrec.models.backbones import build_tiny_model
     from test_grpo import write_rl_splits  # tests/ is on sys.path (no package)
 
     root = tmp_path_factory.mktemp("head")
@@ -83,7 +83,7 @@ def test_lm_item_encodings_and_user_states_equal_single_forwards(world):
 
 
 def test_head_ranking_through_evaluate_equals_brute_force_dot_product(world, tmp_path):
-    from mimigenrec import evaluate
+    from mimigenrec.eval import evaluate
     from mimigenrec.models.item_head import user_prompt
 
     head = make_head(world, source="table", temperature=0.5)
@@ -250,8 +250,8 @@ def test_sampled_negatives_loss_runs_and_covers_targets(world):
 
 
 def _recpo_trainer(world, head_dir, tmp_path, **kw):
-    from mimigenrec.rl_config import load_config
-    from mimigenrec.train_grpo import build_trainer
+    from mimigenrec.rl.config import load_config
+    from mimigenrec.rl.train_grpo import build_trainer
 
     values = dict(trainer="recpo", model_name_or_path=str(head_dir), data_dir=str(world.data.root),
                   output_dir=str(tmp_path / "rl"), num_generations=4, per_device_train_batch_size=8,
@@ -324,7 +324,7 @@ def test_warmup_then_recpo_through_trl_trainer_sh(world, tmp_path):
     assert head.cfg.reasoning and head.cfg.max_reasoning_tokens == 6 and "recpo" in head.cfg.extra
     assert torch.allclose(head.encode_items(), head.item_embeddings(), atol=1e-5)  # refreshed before saving
     assert (tmp_path / "rl" / "checkpoint-2" / "item_head.json").is_file()
-    from mimigenrec import evaluate
+    from mimigenrec.eval import evaluate
 
     out = tmp_path / "eval"
     assert evaluate.main(["--data_dir", str(world.data.root), "--model", f"recpo={tmp_path / 'rl'}", "--no_baselines",
@@ -333,8 +333,8 @@ def test_warmup_then_recpo_through_trl_trainer_sh(world, tmp_path):
     assert all("completion" in p and len(p["ranked"]) == 10 for p in preds)
 
     # resume from checkpoint-2 in this process: the head's embeddings come back with the policy
-    from mimigenrec.rl_config import load_config
-    from mimigenrec.train_grpo import build_trainer, run
+    from mimigenrec.rl.config import load_config
+    from mimigenrec.rl.train_grpo import build_trainer, run
 
     ckpt = tmp_path / "rl" / "checkpoint-2"
     trainer = run(load_config(cfg, ["max_steps=3", f"resume_from_checkpoint={ckpt}", "use_cpu=true",

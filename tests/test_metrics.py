@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from mimigenrec.candidates import cached_candidates, sample_candidates
+from mimigenrec.eval.candidates import cached_candidates, sample_candidates
 from mimigenrec.io import BadInputError
-from mimigenrec.metrics import aggregate, dedupe, markdown_table, rank_by_score, row_metrics, target_rank
+from mimigenrec.eval.metrics import aggregate, dedupe, markdown_table, rank_by_score, row_metrics, target_rank
 from mimigenrec.sequences import UserSequences, splits_before
 
 
@@ -130,7 +130,7 @@ def test_candidates_dense_pool_and_too_small_pool():
 
 
 def test_candidate_cache_roundtrip(tmp_path, monkeypatch):
-    import mimigenrec.candidates as cands
+    import mimigenrec.eval.candidates as cands
 
     seqs, rows, pool = _rows()
     a = cached_candidates(tmp_path, "test", rows, pool, 9, 0, exclude=seqs)

@@ -25,7 +25,7 @@ def test_recipe_launchers_parse(script):
                                             ("cand_rank_think.yaml", ["candidate_choice", "format"]),
                                             ("query_smollm2.yaml", ["retrieval_ndcg", "query_format"])])
 def test_recipe_rl_configs_load(config, rewards):
-    from mimigenrec.rl_config import load_config
+    from mimigenrec.rl.config import load_config
     from rewards import get_reward
 
     cfg = load_config(REPO / "examples" / "rl" / config)

@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 
-from mimigenrec import compare, select_checkpoint
+from mimigenrec.eval import compare, select_checkpoint
 from mimigenrec.io import read_json
-from mimigenrec.metrics import paired_bootstrap
+from mimigenrec.eval.metrics import paired_bootstrap
 from mimigenrec.toy_data import make_dataset
 
 
@@ -46,7 +46,7 @@ def test_compare_pairs_rows_by_user_and_position(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A dataset and a fake SFT output dir: three checkpoints = tiny models with different weights."""
-    from mimigenrec.backbones import build_tiny_model
+    from mimigenrec.models.backbones import build_tiny_model
 
     root = tmp_path_factory.mktemp("sel")
     d = make_dataset(root / "ds", n_users=16)
@@ -127,7 +127,7 @@ def test_a_grpo_folder_is_not_taken_for_a_model_of_other_sids(tmp_path):
 def test_grpo_selection_keeps_step_0_unless_a_later_point_beats_it_by_2_se():
     """The best of many noisy watch points is noise: a later point replaces step 0 only when its paired
     gain is >= select_min_se standard errors (0 = the plain best)."""
-    from mimigenrec.reward_watch import RewardWatch
+    from mimigenrec.rl.reward_watch import RewardWatch
 
     w = RewardWatch(trainer=None, rows=[], select_best=True, min_se=2.0)
     step0 = {"step": 0, "ndcg@10": 0.12}

@@ -72,7 +72,7 @@ def _make_dataset(root: Path, name: str = "Toy") -> Path:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A dataset_dir with the toy dataset and a tiny model whose tokenizer saw the item titles."""
-    from mimigenrec.backbones import build_tiny_model
+    from mimigenrec.models.backbones import build_tiny_model
 
     root = tmp_path_factory.mktemp("sft")
     data = _make_dataset(root)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mimigenrec import prompts
-from mimigenrec.trie import ItemTrie, TrieLogitsProcessor
+from mimigenrec.decoding.trie import ItemTrie, TrieLogitsProcessor
 
 
 def sharpen(model, seed: int, std: float = 0.5):
@@ -148,7 +148,7 @@ def sid_model(tmp_path_factory):
     """Tiny random Qwen2 with SID tokens <a_*><b_*><c_*>, plus a random unique id2sid."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mimigenrec.backbones import build_tiny_model
+    from mimigenrec.models.backbones import build_tiny_model
 
     tokens = [f"<{lvl}_{i}>" for lvl in "abc" for i in range(6)]
     out = build_tiny_model(tmp_path_factory.mktemp("tiny_sid"), new_tokens=tokens)

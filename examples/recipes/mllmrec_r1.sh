@@ -26,11 +26,11 @@
 #   DATA [$OUT/data]  the dataset folder (share one between runs: same candidate lists, cached SASRec)
 #   COT_ROWS [200]    first N train rows that get CoT (CPU-sized; 0 = all)
 #   COT_MODEL [runs/models/smollm2]  HF folder of the CoT LLM and of the likelihood judge (imported from
-#                     GGUF with python -m mimigenrec.gguf_import when missing)
+#                     GGUF with python -m mimigenrec.models.gguf_import when missing)
 #   COT_URL []        OpenAI-compatible endpoint instead of the HF backend (e.g. http://127.0.0.1:8080/v1)
 #   COT_THRESHOLD [0.5]  judge score a CoT needs to be kept
 #   COT_PROB [0.1]    COT_MODE [reference]    NEG [9]    SEED [42]
-#   BACKBONE [tiny]   tiny = a 2x64 from-scratch Qwen2 (python -m mimigenrec.backbones tiny), or a model DIR
+#   BACKBONE [tiny]   tiny = a 2x64 from-scratch Qwen2 (python -m mimigenrec.models.backbones tiny), or a model DIR
 #   SFT_STEPS [400]   SFT_LR [2e-3]   SFT_BS [16]
 #   GRPO_STEPS [40]   GRPO_CONFIG [examples/rl/cand_rank_tiny.yaml, or cand_rank_think.yaml in think mode]
 #   GRPO_ARGS []      more key=value overrides for trl_trainer.sh (e.g. "eval_rows=100 learning_rate=5e-5")
@@ -88,7 +88,7 @@ fi
 if has cot; then
   step "cot: first $COT_ROWS train rows, refinement + likelihood judge"
   if [[ ! -f "$COT_MODEL/config.json" ]]; then
-    run python -m mimigenrec.gguf_import --model smollm2 --out "$COT_MODEL"
+    run python -m mimigenrec.models.gguf_import --model smollm2 --out "$COT_MODEL"
   fi
   limit=(); [[ "$COT_ROWS" != 0 ]] && limit=(--limit "$COT_ROWS")
   if [[ -n "${COT_URL:-}" ]]; then
@@ -112,7 +112,7 @@ if has sft; then
   step "sft: $BACKBONE -> $OUT/sft"
   if [[ "$BACKBONE" == tiny ]]; then
     rm -rf "$OUT/backbone"
-    run python -m mimigenrec.backbones tiny --out "$OUT/backbone" --data_dir "$O" --embed_std 0.02
+    run python -m mimigenrec.models.backbones tiny --out "$OUT/backbone" --data_dir "$O" --embed_std 0.02
     MODEL="$OUT/backbone"
   else
     MODEL="$BACKBONE"
@@ -141,8 +141,8 @@ if has eval; then
   run bash evaluate.sh "${common[@]}" --candidates sample --num_negatives 99 --output_dir "$OUT/eval_n99"
   if [[ -f "$OUT/grpo/config.json" ]]; then
     for d in "$OUT/eval_n$NEG" "$OUT/eval_n99"; do
-      python -m mimigenrec.compare "$d" sft grpo --metric hr@1
-      python -m mimigenrec.compare "$d" sft grpo --metric ndcg@3
+      python -m mimigenrec.eval.compare "$d" sft grpo --metric hr@1
+      python -m mimigenrec.eval.compare "$d" sft grpo --metric ndcg@3
     done
   fi
 fi

@@ -46,7 +46,7 @@ if has data; then
     --tasks query --eval_tasks query --rl_tasks query --sft_model "$MODEL"
 fi
 if [[ ! -f "$MODEL/config.json" ]]; then
-  run python -m mimigenrec.gguf_import --model smollm2 --out "$MODEL"
+  run python -m mimigenrec.models.gguf_import --model smollm2 --out "$MODEL"
 fi
 
 if has zero; then
@@ -64,7 +64,7 @@ fi
 if has eval; then
   step "eval: zero-shot and GRPO on the same rows"
   run bash evaluate.sh "${common[@]}" --model zero_shot="$MODEL" --model grpo="$OUT/grpo" --output_dir "$OUT/eval"
-  python -m mimigenrec.compare "$OUT/eval" zero_shot grpo --metric ndcg@10
-  python -m mimigenrec.compare "$OUT/eval" zero_shot grpo --metric hr@50
+  python -m mimigenrec.eval.compare "$OUT/eval" zero_shot grpo --metric ndcg@10
+  python -m mimigenrec.eval.compare "$OUT/eval" zero_shot grpo --metric hr@50
 fi
 echo "[recipe] outputs under $OUT (data/, grpo/, eval/)"

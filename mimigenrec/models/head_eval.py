@@ -1,4 +1,4 @@
-"""``HeadRanker``: :mod:`mimigenrec.evaluate` ranks every item with an item head in one forward pass per row.
+"""``HeadRanker``: :mod:`mimigenrec.eval.evaluate` ranks every item with an item head in one forward pass per row.
 
 ``evaluate.sh --model head=DIR`` picks it for any folder holding ``item_head.json``. Rows and prompts
 are those of the other methods (the head's ``task`` prompt from :mod:`mimigenrec.prompts`); a head
@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
-from mimigenrec.evaluate import EvalData, Ranker
+from mimigenrec.eval.evaluate import EvalData, Ranker
 from mimigenrec.io import DataDir, bad, check_model_dir
-from mimigenrec.metrics import rank_by_score
+from mimigenrec.eval.metrics import rank_by_score
 from mimigenrec.models.item_head import ItemHeadModel, user_prompt
 
 __all__ = ["HeadRanker"]

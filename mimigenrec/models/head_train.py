@@ -217,7 +217,7 @@ class HeadTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        from mimigenrec.metrics import rank_by_score, row_metrics
+        from mimigenrec.eval.metrics import rank_by_score, row_metrics
 
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
         head: ItemHeadModel = self.accelerator.unwrap_model(self.model)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mimigenrec import prompts
-from mimigenrec.metrics import rank_by_score
+from mimigenrec.eval.metrics import rank_by_score
 
 __all__ = ["HEAD_CONFIG", "HEAD_WEIGHTS", "HeadConfig", "ItemHeadModel", "cut_at_eos", "is_head_dir", "item_text",
            "last_hidden", "pad_left", "user_prompt"]
@@ -293,7 +293,7 @@ class ItemHeadModel(nn.Module):
         """Greedy reasoning tokens after each prompt, up to (not including) the first EOS."""
         from transformers import GenerationConfig
 
-        from mimigenrec.grpo import neutral_generation_config
+        from mimigenrec.rl.grpo import neutral_generation_config
 
         lm = self.lm if lm is None else lm
         tok = self.tokenizer

@@ -5,7 +5,7 @@ item-head folder (:mod:`mimigenrec.models.item_head`, e.g. a warm-up output) on 
 task. :class:`RecPOTrainer` is stock TRL 0.24 ``GRPOTrainer`` with these hooks overridden:
 
 * ``_generate_single_turn``: TRL's own free-form sampling (the model's saved generation_config
-  neutralised, as in :mod:`mimigenrec.grpo`), remembering prompt and completion token ids;
+  neutralised, as in :mod:`mimigenrec.rl.grpo`), remembering prompt and completion token ids;
 * ``_calculate_rewards``: encodes ``prompt + reasoning`` (the completion up to its first EOS) ``+
   marker`` with the current policy, scores every item with the head and hands each completion's
   ``head_rank`` (0-based rank of the target among all items) and ``head_prob`` (the target's softmax
@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from trl import GRPOTrainer
 
-from mimigenrec.grpo import neutral_generation_config
+from mimigenrec.rl.grpo import neutral_generation_config
 from mimigenrec.io import BadInputError, DataDir, bad
 from mimigenrec.models.item_head import HEAD_WEIGHTS, ItemHeadModel, cut_at_eos, is_head_dir
 
@@ -197,7 +197,7 @@ def build_recpo_trainer(cfg: Any, callbacks: Sequence[Any] = ()) -> RecPOTrainer
     """An item-head folder + the RL rows of its task + rewards -> a ready :class:`RecPOTrainer`."""
     from datasets import Dataset
 
-    from mimigenrec.train_grpo import _subset, load_rl_rows
+    from mimigenrec.rl.train_grpo import _subset, load_rl_rows
     from rewards import get_reward
 
     opts = RecPOOptions.from_mapping(cfg.recpo)

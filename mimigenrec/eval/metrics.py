@@ -1,6 +1,6 @@
 """Ranking metrics: HR@K and NDCG@K of one target in a ranked list, averaged over rows.
 
-Protocol (the one every method in :mod:`mimigenrec.evaluate` is scored with):
+Protocol (the one every method in :mod:`mimigenrec.eval.evaluate` is scored with):
 
 * the ranked list is deduplicated first (the first occurrence of an item counts, later
   copies are dropped), and items that are ``None`` / negative (invalid answers) are dropped;

@@ -8,10 +8,10 @@ A thin subclass that overrides five hooks of ``trl.GRPOTrainer``:
   TRL's shuffle / split into micro-batches;
 * ``_generate_single_turn`` generates the completions:
   - ``rollout_mode: sample``: ``num_generations`` samples per prompt with ``model.generate``
-    and :class:`~mimigenrec.trie.TrieLogitsProcessor` (mask applied before temperature /
+    and :class:`~mimigenrec.decoding.trie.TrieLogitsProcessor` (mask applied before temperature /
     top-k / top-p, so those act on the constrained distribution);
   - ``rollout_mode: beam``: TRL repeats each prompt ``num_generations`` times in a row; the
-    group is run once through :func:`~mimigenrec.beam_search.constrained_beam_search` with
+    group is run once through :func:`~mimigenrec.decoding.beam_search.constrained_beam_search` with
     ``num_generations`` beams, ranked by the same score as evaluation (see that function), and
     the beams become the group's completions **in rank order**;
   - ``use_vllm``: TRL's own vLLM path with ``vllm_guided_decoding_regex`` = an escaped
@@ -47,9 +47,9 @@ from trl.data_utils import maybe_apply_chat_template
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
-from mimigenrec.beam_search import constrained_beam_search
+from mimigenrec.decoding.beam_search import constrained_beam_search
 from mimigenrec.prompts import ITEM_REF_RE, item_ref, sid_string, split_sid
-from mimigenrec.trie import ItemTrie, TrieLogitsProcessor
+from mimigenrec.decoding.trie import ItemTrie, TrieLogitsProcessor
 
 __all__ = ["AnswerSpace", "ConstrainedGRPOTrainer", "answer_kind"]
 

@@ -1,7 +1,7 @@
 """Paired comparison of two methods scored by one ``evaluate.sh`` call: the change of a metric
 over the same rows, with a percentile bootstrap interval.
 
-``python -m mimigenrec.compare EVAL_DIR BASE NEW [--metric ndcg@10] [--n_boot 10000] [--seed 0]``
+``python -m mimigenrec.eval.compare EVAL_DIR BASE NEW [--metric ndcg@10] [--n_boot 10000] [--seed 0]``
 reads ``EVAL_DIR/predictions_<BASE>.jsonl`` and ``predictions_<NEW>.jsonl`` and prints one JSON
 object: ``delta`` (mean of NEW - BASE per row), ``lo`` / ``hi`` (95% interval), ``rel``
 (delta / BASE's mean) and the row count. Both files must hold the same rows.
@@ -14,13 +14,13 @@ import sys
 from pathlib import Path
 
 from mimigenrec.io import BadInputError, cli_errors, iter_records
-from mimigenrec.metrics import paired_bootstrap, per_row
+from mimigenrec.eval.metrics import paired_bootstrap, per_row
 
 __all__ = ["compare", "main"]
 
 
 def _rows(eval_dir: Path, method: str, metric: str) -> dict[str, float]:
-    from mimigenrec.evaluate import pred_path
+    from mimigenrec.eval.evaluate import pred_path
 
     path = pred_path(eval_dir, method)
     if not path.is_file():
@@ -42,7 +42,7 @@ def compare(eval_dir: str | Path, base: str, new: str, metric: str = "ndcg@10", 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mimigenrec.compare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m mimigenrec.eval.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("eval_dir", help="output dir of one evaluate.sh call holding both methods' predictions")
     p.add_argument("base", help="method name of the reference (e.g. tiny_sft)")

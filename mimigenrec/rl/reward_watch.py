@@ -133,7 +133,7 @@ class RewardWatch(TrainerCallback):
         from trl.data_utils import maybe_apply_chat_template
         from trl.models import unwrap_model_for_generation
 
-        from mimigenrec.beam_search import constrained_beam_search
+        from mimigenrec.decoding.beam_search import constrained_beam_search
 
         tr = self.trainer
         acc = tr.accelerator

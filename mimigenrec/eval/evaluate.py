@@ -77,7 +77,7 @@ from mimigenrec.io import (
     write_json,
     write_jsonl,
 )
-from mimigenrec.metrics import DEFAULT_KS, aggregate, dedupe, markdown_table, rank_by_score
+from mimigenrec.eval.metrics import DEFAULT_KS, aggregate, dedupe, markdown_table, rank_by_score
 from mimigenrec.sequences import UserSequences, load_sequences, splits_before
 
 TASKS = ("sid_seq", "title_seq2sid", "cand_rank", "query")
@@ -165,7 +165,7 @@ def load_eval_data(args: argparse.Namespace) -> EvalData:
         rows = [rows[i] for i in keep]
     data = EvalData(dd.root, args.split, rows, seqs, all_rows, items, universe, max(items) + 1)
     if args.task == "cand_rank":
-        from mimigenrec.candidates import cached_candidates, inputs_digest
+        from mimigenrec.eval.candidates import cached_candidates, inputs_digest
 
         built = getattr(args, "candidate_file", None)
         if built:  # the lists build wrote (resolve_candidates chose them)
@@ -311,7 +311,7 @@ class ModelRanker(Ranker):
     def __init__(self, name: str, path: str, data: EvalData, args: argparse.Namespace, device: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from mimigenrec.trie import ItemTrie
+        from mimigenrec.decoding.trie import ItemTrie
 
         from mimigenrec.models.ensemble import EnsembleLM, split_paths
 
@@ -375,7 +375,7 @@ class ModelRanker(Ranker):
 
     def greedy(self, enc: Mapping[str, torch.Tensor]) -> list[str]:
         """Greedy free-form completions (sampling off whatever the generation_config says), decoded."""
-        from mimigenrec.beam_search import stock_generate_kwargs
+        from mimigenrec.decoding.beam_search import stock_generate_kwargs
 
         kw = stock_generate_kwargs(1, self.args.max_new_tokens, self.tok.eos_token_id, self.tok.pad_token_id)
         kw.update(num_return_sequences=1, output_scores=False)
@@ -387,7 +387,7 @@ class ModelRanker(Ranker):
 
     @torch.no_grad()
     def predict(self, rows, cands):
-        from mimigenrec.beam_search import constrained_beam_search
+        from mimigenrec.decoding.beam_search import constrained_beam_search
 
         texts = [self.prompt(r, None if cands is None else cands[i]) for i, r in enumerate(rows)]
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
@@ -491,7 +491,7 @@ def method_names(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def sasrec_config(args: argparse.Namespace, loss: str):
-    from mimigenrec.baselines import SASRecConfig
+    from mimigenrec.eval.baselines import SASRecConfig
 
     patience = args.sasrec_patience if args.sasrec_patience is not None else (40 if loss == "bce" else 10)
     return SASRecConfig(hidden=args.sasrec_hidden, blocks=args.sasrec_blocks, heads=args.sasrec_heads,
@@ -514,7 +514,7 @@ def build_ranker(name: str, spec: str, data: EvalData, args: argparse.Namespace,
         return QueryBaseline(name, what, data, args.num_ranked)
     before = splits_before(data.split) or ("train",)
     if what == "popularity":
-        from mimigenrec.baselines import Popularity
+        from mimigenrec.eval.baselines import Popularity
 
         return ScoreRanker(name, Popularity.fit(data.seqs, before, data.num_item_ids), data, args.num_beams)
     if what in ("sasrec", "sasrec_bce"):
@@ -535,7 +535,7 @@ def load_sasrec(data: EvalData, args: argparse.Namespace, loss: str = "ce", devi
                 name: str = "sasrec", progress: bool = True):
     """The SASRec baseline of ``data``'s split (:func:`sasrec_stopping`), read from its cache in
     ``DATA/baselines`` (or ``--output_dir/baselines`` when DATA is read-only) or trained and cached."""
-    from mimigenrec.baselines import SASRecScorer
+    from mimigenrec.eval.baselines import SASRecScorer
 
     caches = [data.data_dir / "baselines", Path(args.output_dir) / "baselines"]
     if not os.access(data.data_dir, os.W_OK):
@@ -738,7 +738,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mimigenrec.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m mimigenrec.eval.evaluate", description=__doc__,
                                 formatter_class=_HelpFormatter)
     a = p.add_argument
     a("--data_dir", required=True, help="preprocessed dataset dir (items.jsonl, inter/, id2sid.json)")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
-from .io import BadInputError
+from mimigenrec.io import BadInputError
 
 
 class AppendLog:

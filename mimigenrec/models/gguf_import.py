@@ -1,6 +1,6 @@
 """Import a GGUF checkpoint into a normal Hugging Face directory that ``llamafactory-cli train`` loads.
 
-``python -m mimigenrec.gguf_import --model smollm2|gemma3-270m|PATH.gguf --out DIR`` writes
+``python -m mimigenrec.models.gguf_import --model smollm2|gemma3-270m|PATH.gguf --out DIR`` writes
 ``config.json``, ``model.safetensors`` (dequantized), the tokenizer and its chat template.
 
 Weights go through transformers' GGUF loader (``gguf_file=``). The tokenizer is rebuilt from the
@@ -289,7 +289,7 @@ def import_gguf(gguf: str | Path, out_dir: str | Path, dtype: str = "float32",
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mimigenrec.gguf_import", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m mimigenrec.models.gguf_import", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help=f"a named model ({', '.join(f'{k}: {v.notes}' for k, v in SOURCES.items())}) "

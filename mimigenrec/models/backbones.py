@@ -1,8 +1,8 @@
 """Backbones built offline: a tiny random Qwen2 model with a locally trained tokenizer.
 
-``python -m mimigenrec.backbones tiny --out DIR [--data_dir O]`` builds one in seconds; it is
+``python -m mimigenrec.models.backbones tiny --out DIR [--data_dir O]`` builds one in seconds; it is
 the model of the tests and of the README's main job. GGUF import lives in
-:mod:`mimigenrec.gguf_import`.
+:mod:`mimigenrec.models.gguf_import`.
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ def _titles(data_dir: str | Path | None, limit: int = 20000) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mimigenrec.backbones", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m mimigenrec.models.backbones", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tiny", help="build the tiny random Qwen2 model + local tokenizer",

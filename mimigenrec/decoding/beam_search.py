@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mimigenrec.trie import ItemTrie, TrieLogitsProcessor
+from mimigenrec.decoding.trie import ItemTrie, TrieLogitsProcessor
 
 __all__ = ["BeamResult", "constrained_beam_search", "stock_generate_kwargs", "tree_attention_supported"]
 

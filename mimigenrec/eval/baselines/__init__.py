@@ -1,6 +1,6 @@
 """Classic baselines scored on the same rows and metrics as the LLM: popularity and SASRec."""
-from mimigenrec.baselines.popularity import Popularity
-from mimigenrec.baselines.sasrec import SASRec, SASRecConfig, SASRecScorer
+from mimigenrec.eval.baselines.popularity import Popularity
+from mimigenrec.eval.baselines.sasrec import SASRec, SASRecConfig, SASRecScorer
 
 BASELINES = ("popularity", "sasrec")
 

@@ -1,9 +1,9 @@
 """Choose an SFT run's checkpoint by held-out ranking quality, not by the last step or the loss.
 
-``python -m mimigenrec.select_checkpoint --data_dir O --run_dir DIR [--run_dir DIR2 ...] [--max_rows 1000]``
+``python -m mimigenrec.eval.select_checkpoint --data_dir O --run_dir DIR [--run_dir DIR2 ...] [--max_rows 1000]``
 
 Every ``DIR/checkpoint-<step>`` (e.g. one per epoch, LLaMA-Factory ``save_strategy: epoch``)
-is scored by the evaluation itself (:mod:`mimigenrec.evaluate`: constrained beam search, the
+is scored by the evaluation itself (:mod:`mimigenrec.eval.evaluate`: constrained beam search, the
 same prompts and score as ``evaluate.sh``) on a seeded subset of ``--split`` rows (never
 test), into ``DIR/selection/<checkpoint>/``. The checkpoint with the highest ``--metric``
 (the earliest of equals) wins: its model files are copied over ``DIR``'s own, so ``DIR`` is
@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 
 from mimigenrec.io import BadInputError, cli_errors, iter_records
-from mimigenrec.metrics import per_row
-from mimigenrec.reward_watch import mean_se
+from mimigenrec.eval.metrics import per_row
+from mimigenrec.rl.reward_watch import mean_se
 
 __all__ = ["checkpoints", "main", "select"]
 
@@ -55,7 +55,7 @@ def select(data_dir: str | Path, run_dir: str | Path | list[str | Path], split: 
            metric: str = "ndcg@10", num_beams: int = 50, batch_size: int = 32, seed: int = 0) -> dict:
     """Score every checkpoint of ``run_dir`` (one or several runs), copy the best over the first run
     dir; returns the selection record."""
-    from mimigenrec import evaluate
+    from mimigenrec.eval import evaluate
 
     if split == "test":
         raise BadInputError("select_checkpoint: --split test would choose the model on the rows it is reported on; "
@@ -104,7 +104,7 @@ def select(data_dir: str | Path, run_dir: str | Path | list[str | Path], split: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mimigenrec.select_checkpoint", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m mimigenrec.eval.select_checkpoint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="preprocessed dataset dir the model was trained on")
     p.add_argument("--run_dir", required=True, action="append",

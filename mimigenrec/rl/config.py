@@ -75,7 +75,7 @@ class RLConfig(GRPOConfig):
         default=2.0, metadata={"help": "select_best: a later point replaces step 0 only when its paired gain over "
                                        "step 0 is at least this many standard errors (0 = the plain best point)."})
     trainer: str = field(
-        default="grpo", metadata={"help": "grpo: ConstrainedGRPOTrainer (mimigenrec.grpo); recpo: RecPO on an "
+        default="grpo", metadata={"help": "grpo: ConstrainedGRPOTrainer (mimigenrec.rl.grpo); recpo: RecPO on an "
                                           "item-head folder (mimigenrec.rl.recpo; the watch fields do not apply)."})
     recpo: Optional[dict] = field(
         default=None, metadata={"help": "trainer recpo: options of mimigenrec.rl.recpo.RecPOOptions, e.g. "

@@ -1,10 +1,10 @@
-"""GRPO with trie-constrained rollouts: ``python -m mimigenrec.train_grpo CONFIG.yaml [key=value ...]``.
+"""GRPO with trie-constrained rollouts: ``python -m mimigenrec.rl.train_grpo CONFIG.yaml [key=value ...]``.
 
 CONFIG holds any ``trl.GRPOConfig`` field plus mimigenrec's own (see ``--help``); ``key=value``
 arguments override it (values parsed as YAML). Usually launched by ``trl_trainer.sh`` through
 ``accelerate launch``. Reads ``data_dir/rl/<split>.json``, ``id2sid.json`` and ``items.jsonl``;
 writes checkpoints (every ``save_steps``), the final model (with ``select_best``: the watch point with
-the best held-out NDCG, see :mod:`mimigenrec.reward_watch`), ``reward_watch.{jsonl,png}`` and
+the best held-out NDCG, see :mod:`mimigenrec.rl.reward_watch`), ``reward_watch.{jsonl,png}`` and
 ``selection.json`` to ``output_dir``. ``resume_from_checkpoint=PATH`` (or ``true`` = latest in ``output_dir``) resumes.
 """
 from __future__ import annotations
@@ -73,14 +73,14 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
     from datasets import Dataset
     from transformers import AutoConfig, AutoTokenizer
 
-    from mimigenrec.grpo import AnswerSpace, ConstrainedGRPOTrainer, answer_kind
-    from mimigenrec.reward_watch import RewardWatch
+    from mimigenrec.rl.grpo import AnswerSpace, ConstrainedGRPOTrainer, answer_kind
+    from mimigenrec.rl.reward_watch import RewardWatch
     from rewards import get_reward
 
     if not cfg.model_name_or_path:
         raise BadInputError("model_name_or_path is required")
     if str(cfg.model_name_or_path).endswith(".gguf"):
-        raise BadInputError("model_name_or_path is a GGUF file: convert it first (python -m mimigenrec.gguf_import)")
+        raise BadInputError("model_name_or_path is a GGUF file: convert it first (python -m mimigenrec.models.gguf_import)")
     if not cfg.data_dir:
         raise BadInputError("data_dir is required")
     dd = DataDir(cfg.data_dir)
@@ -141,7 +141,7 @@ def run(cfg) -> Any:
     """Train per ``cfg`` (resuming if asked), save the final model; returns the trainer."""
     from transformers import set_seed
 
-    from mimigenrec.reward_watch import keep_best
+    from mimigenrec.rl.reward_watch import keep_best
 
     set_seed(cfg.seed)
     trainer = build_trainer(cfg)
@@ -163,7 +163,7 @@ def run(cfg) -> Any:
 
 
 def _help_epilog() -> str:
-    from mimigenrec.rl_config import RLConfig, our_fields
+    from mimigenrec.rl.config import RLConfig, our_fields
 
     lines = ["mimigenrec fields (besides every trl.GRPOConfig / TrainingArguments field):"]
     meta = {f.name: f for f in fields(RLConfig)}
@@ -176,21 +176,21 @@ def _help_epilog() -> str:
         "Often used GRPOConfig fields: output_dir, num_generations, per_device_train_batch_size,",
         "gradient_accumulation_steps, learning_rate, max_steps / num_train_epochs, beta, temperature,",
         "reward_weights, save_steps, logging_steps, bf16, report_to, use_vllm, vllm_mode, seed.",
-        "Example: python -m mimigenrec.train_grpo examples/rl/tiny_sample.yaml max_steps=3 rewards=[rule,format]",
+        "Example: python -m mimigenrec.rl.train_grpo examples/rl/tiny_sample.yaml max_steps=3 rewards=[rule,format]",
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m mimigenrec.train_grpo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m mimigenrec.rl.train_grpo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=_help_epilog() if any(a in ("-h", "--help") for a in argv) else None)
     p.add_argument("config", help="YAML config (examples/rl/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override a config field (YAML value)")
     a = p.parse_args(argv)
     from mimigenrec.io import cli_errors
-    from mimigenrec.rl_config import load_config
+    from mimigenrec.rl.config import load_config
 
     sys.exit(cli_errors(lambda: run(load_config(a.config, a.overrides)) and 0))
 
