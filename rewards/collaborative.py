@@ -6,7 +6,8 @@ little, a wrong answer it ranks last costs about 1). The idea is MiniOneRec's co
 reward (``reward_type=sasrec``): the reward model brings the co-occurrence signal that SID
 generation learns slowly. The SASRec model is the one ``evaluate.sh --baseline sasrec`` trains for
 the test split (train interactions, early-stopped on valid) and caches in ``DATA/baselines``, so
-the reward costs no second training when the baseline has run, and it is trained once otherwise.
+the reward costs no second training when the baseline has run, and it is trained once otherwise. When
+DATA is read-only the model is cached under ``cache_dir/baselines`` (the trainer passes its output_dir).
 """
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ from rewards import completion_text, extra_infos
 
 
 @functools.lru_cache(maxsize=2)
-def _reward_model(data_dir: str):
-    """``(SASRecScorer, {sid string: item id}, universe ids)`` for ``data_dir``, trained or read from its cache."""
+def _reward_model(data_dir: str, cache_dir: str | None = None):
+    """``(SASRecScorer, {sid string: item id}, universe ids)`` for ``data_dir``, read from its cache in
+    ``data_dir/baselines`` (or ``cache_dir/baselines``) or trained and cached in the first writable one."""
     from mimigenrec import prompts
     from mimigenrec.eval.evaluate import build_parser, load_eval_data, load_sasrec
     from mimigenrec.io import DataDir
 
     args = build_parser().parse_args(["--data_dir", data_dir, "--split", "test", "--baseline", "sasrec",
-                                      "--output_dir", str(Path(data_dir) / "baselines")])
+                                      "--output_dir", cache_dir or data_dir])
     args.methods = ["baseline:sasrec"]
     data = load_eval_data(args)
     scorer = load_sasrec(data, args, progress=False)
@@ -35,14 +37,14 @@ def _reward_model(data_dir: str):
     return scorer, sid_to_item, torch.tensor(sorted(data.universe))
 
 
-def sasrec_scored(completions, kwargs: dict, data_dir: str | None
+def sasrec_scored(completions, kwargs: dict, data_dir: str | None, cache_dir: str | None = None
                   ) -> tuple[list[tuple[int | None, int, torch.Tensor] | None], torch.Tensor]:
     """Per completion whose row names a target and a user: ``(its item id, None if not an item; the
     target; SASRec's scores of every item for the row's user)``, None elsewhere; and the ids of the
     items evaluation ranks. Every row's scores come from one batched SASRec call."""
     if not data_dir:
         raise ValueError("the cf rewards need the data folder (the trainer passes data_dir)")
-    scorer, sid_to_item, universe = _reward_model(str(Path(data_dir).resolve()))
+    scorer, sid_to_item, universe = _reward_model(str(Path(data_dir).resolve()), cache_dir)
     completions = list(completions or [])
     infos = extra_infos(kwargs, len(completions))
     out: list[tuple[int | None, int, torch.Tensor] | None] = [None] * len(completions)
@@ -60,9 +62,9 @@ def sasrec_scored(completions, kwargs: dict, data_dir: str | None
     return out, universe
 
 
-def _sasrec_ranks(completions, kwargs: dict, data_dir: str | None) -> list[int | str | None]:
+def _sasrec_ranks(completions, kwargs: dict, data_dir: str | None, cache_dir: str | None) -> list[int | str | None]:
     """Per completion: None (no target), "hit", "invalid" (not an item), or the answer's 0-based SASRec rank."""
-    scored, universe = sasrec_scored(completions, kwargs, data_dir)
+    scored, universe = sasrec_scored(completions, kwargs, data_dir, cache_dir)
     out: list[int | str | None] = []
     for x in scored:
         if x is None:
@@ -81,13 +83,13 @@ def _cf_rewards(ranks: list[int | str | None], miss) -> list[float | None]:
 
 
 def cf_rank(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
-            **kwargs) -> list[float | None]:
+            cache_dir: str | None = None, **kwargs) -> list[float | None]:
     """r = 1 if the answer is the target, else 1/log2(SASRec rank of the answer + 2) - 1 (None without a target)."""
-    return _cf_rewards(_sasrec_ranks(completions, kwargs, data_dir), lambda k, r: 1.0 / math.log2(r + 2))
+    return _cf_rewards(_sasrec_ranks(completions, kwargs, data_dir, cache_dir), lambda k, r: 1.0 / math.log2(r + 2))
 
 
 def cf_fused(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
-             **kwargs) -> list[float | None]:
+             cache_dir: str | None = None, **kwargs) -> list[float | None]:
     """Beam rollouts: r = 1 on a hit, else (1/log2(SASRec rank + 2) + 1/log2(beam rank + 2)) / 2 - 1.
 
     The policy's own beam order is half of a wrong answer's reward, so a beam overtakes a better-ranked
@@ -98,5 +100,5 @@ def cf_fused(prompts=None, completions=None, completion_ids=None, *, data_dir: s
     beam_rank = kwargs.get("beam_rank")
     if beam_rank is None:
         raise ValueError("cf_fused needs beam-search rollouts (rollout_mode: beam), which pass beam_rank")
-    return _cf_rewards(_sasrec_ranks(completions, kwargs, data_dir),
+    return _cf_rewards(_sasrec_ranks(completions, kwargs, data_dir, cache_dir),
                        lambda k, r: (1.0 / math.log2(r + 2) + 1.0 / math.log2(int(beam_rank[k]) + 2)) / 2)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ def rm(*truths):
 
 
 def call(name, completions, truths, **kw):
-    fn = get_reward(name, **{k: kw.pop(k) for k in ("data_dir", "top_k") if k in kw})
+    fn = get_reward(name, **{k: kw.pop(k) for k in ("data_dir", "top_k", "cache_dir") if k in kw})
     return fn(prompts=[None] * len(completions), completions=completions, completion_ids=None,
               reward_model=rm(*truths), **kw)
 
@@ -245,3 +246,24 @@ def test_cf_rank_is_the_sasrec_rank_of_the_answer(tmp_path):
     assert fused[:6] == pytest.approx(want_f) and fused[6] == -1.0
     with pytest.raises(ValueError, match="beam"):
         call("cf_fused", comps[:1], [None], data_dir=str(d.root), extra_info=infos[:1])
+
+
+def test_cf_rank_caches_its_reward_model_in_cache_dir_when_the_data_is_read_only(tmp_path, monkeypatch):
+    """A read-only data folder: the SASRec reward model is trained once and cached under the run's
+    cache_dir/baselines (the trainer passes its output_dir), nothing is written beside the data."""
+    import os
+
+    from mimigenrec import prompts
+    from mimigenrec.io import read_jsonl
+    from mimigenrec.toy_data import make_dataset
+
+    d = make_dataset(tmp_path / "ro")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if mode == os.W_OK and Path(p).resolve() == d.root.resolve()
+                        else real_access(p, mode, **kw))
+    row = next(iter(read_jsonl(d.inter("train"))))
+    info = [{"user_id": row["user_id"], "position": row["position"], "target": row["target"]}]
+    comp = [prompts.sid_string(d.load_id2sid()[row["target"]])]
+    run = tmp_path / "run"
+    assert call("cf_rank", comp, [None], data_dir=str(d.root), cache_dir=str(run), extra_info=info) == [1.0]
+    assert list((run / "baselines").glob("sasrec_ce_*.pt")) and not (d.root / "baselines").exists()

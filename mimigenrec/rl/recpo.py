@@ -222,7 +222,7 @@ def build_recpo_trainer(cfg: Any, callbacks: Sequence[Any] = ()) -> RecPOTrainer
         if t is None or int(t) not in head.col_of:
             raise bad(dd.rl(cfg.train_split), f"row {i}: extra_info.target {t!r} is not an item of the head",
                       "use the dataset the head was warmed up on")
-    rewards = [get_reward(r, data_dir=cfg.data_dir, prob_weight=opts.prob_weight, ndcg_k=opts.ndcg_k)
+    rewards = [get_reward(r, data_dir=cfg.data_dir, cache_dir=cfg.output_dir, prob_weight=opts.prob_weight, ndcg_k=opts.ndcg_k)
                for r in cfg.rewards]
     tok = head.tokenizer
     tok.padding_side, tok.truncation_side = "left", "left"

@@ -115,7 +115,7 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
     beam_only = [r for r in cfg.rewards if r in ("ndcg_rank", "ndcg_rank_hit", "listwise")]
     if beam_only and cfg.rollout_mode != "beam":
         raise BadInputError(f"reward {beam_only[0]} needs beam ranks: set rollout_mode: beam")
-    reward_funcs = [get_reward(r, data_dir=cfg.data_dir, top_k=cfg.retrieval_top_k) for r in cfg.rewards]
+    reward_funcs = [get_reward(r, data_dir=cfg.data_dir, cache_dir=cfg.output_dir, top_k=cfg.retrieval_top_k) for r in cfg.rewards]
     peft_config = None
     if cfg.use_lora:
         from peft import LoraConfig
