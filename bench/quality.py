@@ -440,11 +440,13 @@ def training_lines(res: dict) -> list[str]:
     out += ["", f"GRPO {s['grpo_steps']} steps; zero-variance groups {fmt_num(z * 100 if z is not None else None, 1)}%; "
             f"kept step {sel.get('selected_step')} of {sel.get('final_step')} by valid NDCG@10 "
             f"({sel.get('eval_rows')} rows):", "",
-            "| step | mean train reward | valid NDCG@10 | s.e. | change vs step 0 | s.e. |", "|---|---|---|---|---|---|"]
+            "| step | mean train reward | valid NDCG@10 | s.e. | change vs step 0 | s.e. | valid HR@10 | change vs step 0 | s.e. |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for p in grpo.get("watch") or []:
         out.append(f"| {p['step']} | {fmt_num(p.get('train_reward'), 4)} | {p['ndcg@10']:.4f} | "
                    f"{p.get('ndcg@10_se', 0):.4f} | {fmt_num(p.get('ndcg@10_delta_vs_step0'), 4)} | "
-                   f"{fmt_num(p.get('ndcg@10_delta_se'), 4)} |")
+                   f"{fmt_num(p.get('ndcg@10_delta_se'), 4)} | {fmt_num(p.get('hr@10'), 4)} | "
+                   f"{fmt_num(p.get('hr@10_delta_vs_step0'), 4)} | {fmt_num(p.get('hr@10_delta_se'), 4)} |")
     return out + [""]
 
 

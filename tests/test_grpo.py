@@ -376,7 +376,9 @@ def test_three_step_run_changes_weights_and_resumes(world):
     watch = [json.loads(x) for x in (out / "reward_watch.jsonl").read_text().splitlines()]
     assert [p["step"] for p in watch] == [0, 2, 3] and all(0 <= p["ndcg@10"] <= 1 for p in watch)
     assert all(p["eval_rows"] == 6 and "ndcg@10_se" in p and "hr@10" in p for p in watch)
-    assert "ndcg@10_delta_vs_step0" in watch[-1]
+    for m in ("ndcg@10", "hr@10"):  # paired changes against step 0: mean of per-row changes = change of means
+        assert watch[-1][f"{m}_delta_vs_step0"] == pytest.approx(watch[-1][m] - watch[0][m], abs=1e-9)
+        assert watch[-1][f"{m}_delta_se"] >= 0
     sel = json.loads((out / "selection.json").read_text())
     # the best point among step 0 and those beating it by >= 2 s.e. of the paired change (first of equals)
     eligible = [p for p in watch if p["step"] == 0 or (p["ndcg@10_delta_vs_step0"] > 0 and

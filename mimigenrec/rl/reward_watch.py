@@ -5,7 +5,7 @@ or overfitting. Before the first step (step 0 = the starting model), every ``eve
 steps and at the end, the callback runs the evaluation's ranking on the held-out rows
 (constrained beam search with ``num_beams`` beams, the same score as ``evaluate.sh`` and the
 beam rollouts) and records, per point: NDCG@K and HR@K with their standard errors, the paired
-change of NDCG@K against step 0 with its standard error, the mean train reward and the share of
+changes of NDCG@K and HR@K against step 0 with their standard errors, the mean train reward and the share of
 zero-variance reward groups since the previous point. Points go to
 ``output_dir/reward_watch.jsonl``, to the trainer's ``log_history`` and to stdout;
 ``output_dir/reward_watch.png`` is drawn at the end.
@@ -114,6 +114,7 @@ class RewardWatch(TrainerCallback):
         self.points: list[dict] = []
         self.best: dict | None = None
         self._base: list[float] | None = None  # per-row NDCG@k of step 0 (paired deltas)
+        self._base_hr: list[float] | None = None  # per-row HR@k of step 0
         self._seen = 0  # reward_history entries already paired
         self._zero_std_seen = 0
 
@@ -174,18 +175,20 @@ class RewardWatch(TrainerCallback):
         self._seen = len(self.trainer.reward_history)
         reward = sum(v for _, v in hist) / len(hist) if hist else None
         rows = self.heldout()
-        ndcg = [a for a, _ in rows]
+        ndcg, hits = [a for a, _ in rows], [b for _, b in rows]
         nd, nd_se = mean_se(ndcg)
-        hr, hr_se = mean_se([b for _, b in rows])
+        hr, hr_se = mean_se(hits)
         step = int(state.global_step)
         if step == 0:
-            self._base = ndcg
+            self._base, self._base_hr = ndcg, hits
         point = {"step": step, "train_reward": reward, "frac_reward_zero_std": self._zero_std_share(),
                  self.key: nd, f"{self.key}_se": nd_se, f"hr@{self.k}": hr, f"hr@{self.k}_se": hr_se,
                  "eval_rows": len(rows), "num_beams": self.num_beams}
         if self._base is not None and len(self._base) == len(ndcg):
             d, d_se = mean_se([a - b for a, b in zip(ndcg, self._base)])
             point[f"{self.key}_delta_vs_step0"], point[f"{self.key}_delta_se"] = d, d_se
+            d, d_se = mean_se([a - b for a, b in zip(hits, self._base_hr)])
+            point[f"hr@{self.k}_delta_vs_step0"], point[f"hr@{self.k}_delta_se"] = d, d_se
         self.points.append(point)
         state.log_history.append({"step": step, "watch/train_reward": reward, f"watch/{self.key}": nd,
                                   f"watch/hr@{self.k}": hr})
@@ -199,11 +202,14 @@ class RewardWatch(TrainerCallback):
                 f.write(json.dumps(point) + "\n")
             r = "n/a" if reward is None else f"{reward:.4f}"
             z = point["frac_reward_zero_std"]
-            delta = (f" | vs step 0 {point[f'{self.key}_delta_vs_step0']:+.4f} ± {point[f'{self.key}_delta_se']:.4f}"
+            h = f"hr@{self.k}"
+            delta = (f" | vs step 0: NDCG {point[f'{self.key}_delta_vs_step0']:+.4f} ± {point[f'{self.key}_delta_se']:.4f},"
+                     f" HR {point[f'{h}_delta_vs_step0']:+.4f} ± {point[f'{h}_delta_se']:.4f}"
                      if f"{self.key}_delta_vs_step0" in point and step else "")
             print(f"[reward-watch] step {step}: mean train reward {r}"
                   + ("" if z is None else f" (zero-variance groups {z:.0%})")
-                  + f" | held-out NDCG@{self.k} {nd:.4f} ± {nd_se:.4f}, HR@{self.k} {hr:.4f} ({len(rows)} rows)"
+                  + f" | held-out NDCG@{self.k} {nd:.4f} ± {nd_se:.4f}, HR@{self.k} {hr:.4f} ± {hr_se:.4f}"
+                  f" ({len(rows)} rows)"
                   + delta + (" *best*" if self.select_best and improved else ""), flush=True)
 
     def significant(self, point: dict) -> bool:
