@@ -5,7 +5,8 @@ traceback from inside ``accelerate launch`` or ``llamafactory-cli``.
 ``python -m mimigenrec.launch resolve CALLER_DIR key=value ...`` prints the overrides as shell words,
 path values relative to CALLER_DIR made absolute (see :func:`resolve_override`).
 ``python -m mimigenrec.launch check-rl CONFIG [key=value ...]`` checks a GRPO config (run from the
-repository root, like the trainer): the model folder, the RL data, the reward names and the SID tokens.
+repository root, like the trainer): the model folder, the RL data, the reward names, the SID tokens and
+the teachers' tokenizers.
 Both exit 2 with ``error: file: what is wrong: what to do`` on a problem.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mimigenrec.io import (
     BadInputError,
     DataDir,
     bad,
+    check_model_dir,
     check_model_spec,
     cli_errors,
     file_digest,
@@ -52,6 +54,11 @@ def _hub_id(spec: str) -> bool:
     return spec.count("/") == 1 and not spec.startswith((".", "~"))
 
 
+def _resolve_teachers(value: str, caller: Path) -> str:
+    specs = yaml_config.load_yaml(value)
+    return json.dumps([resolve_path(str(t), caller, True) for t in (specs if isinstance(specs, list) else [specs])])
+
+
 def _resolve_rewards(value: str, caller: Path) -> str:
     specs = yaml_config.load_yaml(value)
     if not isinstance(specs, list):
@@ -68,7 +75,7 @@ def resolve_override(item: str, caller: str | os.PathLike) -> str:
 
     Output paths (``output_dir``, ``export_dir``, ``logging_dir``) always are. Input paths
     (``model_name_or_path``, ``dataset_dir``, ``data_dir``, ``deepspeed``, ...) and the files of
-    ``path/to/file.py:function`` rewards are too, unless they exist only relative to the repository
+    ``path/to/file.py:function`` rewards and the ``teachers`` folders are too, unless they exist only relative to the repository
     root (the current directory of the launchers, as in the example configs) or look like a hub id
     (``org/name``). Run from the repository root.
     """
@@ -83,6 +90,8 @@ def resolve_override(item: str, caller: str | os.PathLike) -> str:
         return f"{key}={resolve_path(value, caller, must_exist=True)}"
     if k == "rewards":
         return f"{key}={_resolve_rewards(value, caller)}"
+    if k == "teachers":
+        return f"{key}={_resolve_teachers(value, caller)}"
     return item
 
 
@@ -146,12 +155,34 @@ def check_rl_config(config: str | os.PathLike, overrides: Sequence[str] = ()) ->
                   "give one weight per reward")
     if model_dir.is_dir() and d.new_tokens.is_file() and cfg.get("constrained", True):
         check_sid_tokens(tokenizer_vocab(model_dir), read_json(d.new_tokens), model_dir, d.root)
-    guard_rl_resume(cfg, model_dir, split, d)
+    needs = [r for r in map(str, rewards) if r in ("teacher_kl", "teacher_gain")]
+    if needs and not cfg.get("teachers"):
+        raise bad(config, f"reward {needs[0]} needs teachers",
+                  "set teachers: [DIR, ...] (checkpoints sharing the policy's tokenizer, e.g. the SFT seeds' kept ones)")
+    teachers = check_teachers(cfg.get("teachers") or [], model_dir)
+    guard_rl_resume(cfg, model_dir, split, d, teachers)
     return cfg
 
 
-def guard_rl_resume(cfg: dict[str, Any], model_dir: Path, split: Path, d: DataDir) -> None:
-    """Resume GRPO checkpoints only when they were trained from the same model, data and rewards."""
+def check_teachers(teachers: Sequence[str] | str, model_dir: Path) -> list[Path]:
+    """The ``teachers`` folders, each a model whose tokenizer has exactly the policy's tokens (teacher
+    rewards score the policy's token ids with them)."""
+    out = []
+    policy = tokenizer_vocab(model_dir) if model_dir.is_dir() else None
+    for t in [teachers] if isinstance(teachers, str) else teachers:
+        t = Path(check_model_dir(str(t), "teacher"))
+        vocab = tokenizer_vocab(t)
+        if policy is not None and vocab is not None and vocab != policy:
+            raise bad(t, f"teacher's tokenizer differs from the policy's ({model_dir}): "
+                         f"{len(vocab - policy)} token(s) only in the teacher, {len(policy - vocab)} only in the policy",
+                      "give teachers trained from the same backbone and SID tokens (e.g. other SFT seeds)")
+        out.append(t)
+    return out
+
+
+def guard_rl_resume(cfg: dict[str, Any], model_dir: Path, split: Path, d: DataDir, teachers: Sequence[Path] = ()
+                    ) -> None:
+    """Resume GRPO checkpoints only when they were trained from the same model, data, rewards and teachers."""
     resume = cfg.get("resume_from_checkpoint")
     if isinstance(resume, str) and resume.lower() not in ("true", "last", "latest", "false", "none", ""):
         if not Path(resume).is_dir():
@@ -162,6 +193,8 @@ def guard_rl_resume(cfg: dict[str, Any], model_dir: Path, split: Path, d: DataDi
     now = {"model": model_fingerprint(model_dir) if model_dir.is_dir() else str(model_dir),
            "rl_data": file_digest(split), "sids": file_digest(d.id2sid) if d.id2sid.is_file() else None,
            "rewards": [str(r) for r in cfg.get("rewards") or ["rule"]]}
+    if teachers:
+        now["teachers"] = [model_fingerprint(t) for t in teachers]
     resuming = resume not in (None, False) and str(resume).lower() not in ("false", "none", "")
     guard_resume(cfg["output_dir"], now, resuming, "drop resume_from_checkpoint to start again from step 0")
 

@@ -19,6 +19,8 @@ ndcg_rank_hit      rewards.sid_match           ndcg_rank in a group that holds t
 listwise           rewards.sid_match           1[hit] - softmax(beam_logp within the group)
 cf_rank            rewards.collaborative       1 if hit else 1/log2(SASRec rank of the answer + 2) - 1
 cf_fused           rewards.collaborative       1 if hit else mean of 1/log2(SASRec rank + 2), 1/log2(beam_rank + 2), - 1
+teacher_kl         rewards.teacher             teachers' mean log p(answer) - beam_logp (on-policy distillation; no label)
+teacher_gain       rewards.teacher             1/log2(teachers' rank in the group + 2) - 1/log2(beam_rank + 2); no label
 format             rewards.format              1 if [<think>..</think>] + one well-formed answer
 think              rewards.format              1 if a non-empty <think>..</think> precedes an answer
 candidate_choice   rewards.candidate           +1 target, 0 other candidate, -1 invalid (prompts.parse_choice)
@@ -28,8 +30,9 @@ recpo              rewards.head                0.95/log2(head_rank + 2) + 0.05 h
 think_only         rewards.head                1 if the completion is one non-empty <think>..</think>
 =================  ==========================  ===================================================
 
-A reward may declare keyword-only options (e.g. ``data_dir`` for the BM25 catalog); the
-trainer fills those named in ``get_reward(..., **context)`` and leaves the rest at their defaults.
+A reward may declare keyword-only options (``data_dir`` for the BM25 catalog, ``cache_dir`` for the
+SASRec reward model of a read-only data folder, ``teachers`` for the teacher rewards); the trainer
+fills those named in ``get_reward(..., **context)`` and leaves the rest at their defaults.
 """
 from __future__ import annotations
 
@@ -53,6 +56,8 @@ _BUILTIN: dict[str, str] = {
     "listwise": "rewards.sid_match:listwise",
     "cf_rank": "rewards.collaborative:cf_rank",
     "cf_fused": "rewards.collaborative:cf_fused",
+    "teacher_kl": "rewards.teacher:teacher_kl",
+    "teacher_gain": "rewards.teacher:teacher_gain",
     "format": "rewards.format:format_reward",
     "think": "rewards.format:think",
     "candidate_choice": "rewards.candidate:candidate_choice",

@@ -450,6 +450,33 @@ def trl_trainer_model_without_sid_tokens(tmp):
     return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "plain"))))
 
 
+@case(2, "{tmp}/gone", "no such teacher folder")
+def trl_trainer_missing_teacher(tmp):
+    d = toy(tmp)
+    build_rl(d)
+    tiny_model(tmp / "m", read_json(d.new_tokens))
+    return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "m"))),
+              "teachers=[m,gone]", "rewards=[teacher_kl]", "rollout_mode=beam")  # caller-relative
+
+
+@case(2, "{tmp}/plain", "teacher's tokenizer differs from the policy's", "other SFT seeds")
+def trl_trainer_teacher_with_other_tokens(tmp):
+    d = toy(tmp)
+    build_rl(d)
+    tiny_model(tmp / "m", read_json(d.new_tokens))
+    tiny_model(tmp / "plain", None)
+    return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "m"), teachers=[str(tmp / "plain")])))
+
+
+@case(2, "{tmp}/rl.yaml", "reward teacher_kl needs teachers", "set teachers:")
+def trl_trainer_teacher_reward_without_teachers(tmp):
+    d = toy(tmp)
+    build_rl(d)
+    tiny_model(tmp / "m", read_json(d.new_tokens))
+    return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "m"), rollout_mode="beam",
+                                                   rewards=["teacher_kl"], max_steps=1, eval_rows=0)))
+
+
 @case(2, "{tmp}/ds/rl/train.json", "missing", "preprocess build")
 def trl_trainer_before_build(tmp):
     d = toy(tmp)

@@ -250,16 +250,16 @@ def _teacher_reward_module():
     return mod
 
 
-def test_teacher_reward_scores_are_the_beam_search_scores(tiny, tmp_path, monkeypatch):
-    """bench/ablations/teacher_reward.py: with the policy as its teacher, a completion's teacher score
-    is the beam search's own score of it, and ranks within a group follow the beam order."""
-    import importlib.util
-    from pathlib import Path
+def test_teacher_reward_scores_are_the_beam_search_scores(tiny, tmp_path):
+    """rewards.teacher: with the policy as its teacher, a completion's teacher score is the beam
+    search's own score of it, ranks within a group follow the beam order, and the gain / KL rewards are 0
+    (the ablation file's rewards use the same scores)."""
+    from rewards import teacher
 
     model, tok, id2sid = tiny
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    monkeypatch.setenv("TEACHERS", str(tmp_path / "m"))
+    teachers = [str(tmp_path / "m")]
     mod = _teacher_reward_module()
     trie = ItemTrie.from_id2sid(id2sid, tok)
     msgs = [prompts.chat_messages(prompts.sft_row("sid_seq", f"User history (oldest first): <a_{i}><b_1><c_2>", ""))
@@ -269,17 +269,19 @@ def test_teacher_reward_scores_are_the_beam_search_scores(tiny, tmp_path, monkey
     res = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 6)
     beams = [(m, "".join(id2sid[int(i)])) for m, row in zip(msgs, res.items) for i in row]
     ps, cs = [b[0] for b in beams], [b[1] for b in beams]
-    got = mod.teacher_scores(ps, cs)
+    got = teacher.teacher_scores(ps, cs, teachers)
     assert torch.allclose(torch.tensor(got), res.scores.reshape(-1), atol=1e-4)
-    assert mod.group_ranks(ps, got) == list(range(6)) * 2
-    assert mod.teacher_rank(ps, cs) == [1 / math.log2(r + 2) for r in range(6)] * 2
-    assert mod.teacher_gain(ps, cs, beam_rank=list(range(6)) * 2) == [0.0] * 12  # agrees with itself: no push
+    assert teacher.group_ranks(ps, got) == list(range(6)) * 2
+    assert mod.teacher_rank(ps, cs, teachers=teachers) == [1 / math.log2(r + 2) for r in range(6)] * 2
+    assert teacher.teacher_gain(ps, cs, teachers=teachers, beam_rank=list(range(6)) * 2) == [0.0] * 12  # no push
     swapped = [1, 0, 2, 3, 4, 5] * 2
-    gain = mod.teacher_gain(ps, cs, beam_rank=swapped)
+    gain = teacher.teacher_gain(ps, cs, teachers=teachers, beam_rank=swapped)
     assert gain[0] > 0 > gain[1] and gain[2:6] == [0.0] * 4
-    kl = mod.teacher_kl(ps, cs, beam_logp=res.scores.reshape(-1).tolist())
+    kl = teacher.teacher_kl(ps, cs, teachers=teachers, beam_logp=res.scores.reshape(-1).tolist())
     assert max(abs(x) for x in kl) < 1e-4  # its own teacher: log-ratio 0
-    assert mod.teacher_kl(ps, cs, beam_logp=[x - 1.0 for x in got]) == pytest.approx([1.0] * 12)
+    assert teacher.teacher_kl(ps, cs, teachers=teachers, beam_logp=[x - 1.0 for x in got]) == pytest.approx([1.0] * 12)
+    with pytest.raises(ValueError, match="teachers"):
+        teacher.teacher_kl(ps, cs, teachers=[], beam_logp=got)
 
 
 def test_sasrec_gain_orders_each_group_by_the_reward_models_scores(monkeypatch):

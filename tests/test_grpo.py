@@ -165,6 +165,33 @@ def test_a_step_on_rows_with_hits_has_advantages_and_moves_the_weights(world, tm
     assert changed
 
 
+def test_teacher_kl_is_zero_for_its_own_teacher_and_trains_toward_another(world, tmp_path):
+    """teacher_kl through the trainer: with the policy as its only teacher every beam's reward is 0
+    (the trainer's beam_logp is the teacher's score); with another model as teacher the groups have
+    advantages and one step changes the weights."""
+    from mimigenrec.models.backbones import build_tiny_model
+
+    sid = [i for i, r in enumerate(make_trainer(world, tmp_path, rollout_mode="beam", rewards=["rule"]).train_dataset)
+           if r["extra_info"]["task"] == "sid_seq"][:2]
+    own = make_trainer(world, tmp_path, rollout_mode="beam", rewards=["teacher_kl"], teachers=[str(world.model)])
+    own.model.train()
+    own._generate_and_score_completions(group_batch(own, sid))
+    m = own._metrics["train"]
+    assert abs(m["rewards/teacher_kl/mean"][-1]) < 1e-4 and m["rewards/teacher_kl/std"][-1] < 1e-4
+
+    other = build_tiny_model(tmp_path / "teacher", new_tokens=read_json(world.data.new_tokens),
+                             corpus=[it["title"] for it in world.data.load_items().values()], seed=7)
+    trainer = make_trainer(world, tmp_path, rollout_mode="beam", rewards=["teacher_kl"], learning_rate=1e-3,
+                           teachers=[str(other), str(world.model)], logging_steps=1, save_strategy="no")
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(group_batch(trainer, sid))
+    assert (out["advantages"].abs() > 1e-6).any()
+    trainer.train_dataset = trainer.train_dataset.select(sid)
+    before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+
+
 @pytest.mark.parametrize("mode", ["sample", "beam"])
 def test_inject_target_puts_the_target_in_every_group(world, tmp_path, mode):
     rewards = ["ndcg_rank"] if mode == "beam" else ["rule"]

@@ -29,7 +29,7 @@ MALFORMED = ["", "   ", "<think>unclosed " + SID, "garbage text", SID + " extra"
 def test_registry_lists_all_builtins():
     assert list_rewards() == sorted(["rule", "partial_match", "ndcg_rank", "ndcg_rank_hit", "listwise", "format", "think",
                                      "candidate_choice", "retrieval_ndcg", "recpo", "think_only", "query_format", "cf_rank",
-                                     "cf_fused"])
+                                     "cf_fused", "teacher_kl", "teacher_gain"])
     for name in list_rewards():
         fn = get_reward(name, data_dir="unused")
         assert fn.__name__ == name and fn.__doc__ and "r =" in fn.__doc__

@@ -39,6 +39,11 @@ class RLConfig(GRPOConfig):
         metadata={"help": "Reward functions: built-in names (rule, partial_match, ndcg_rank, format, think, "
                           "candidate_choice, retrieval_ndcg) or path/to/file.py:function. Weights: reward_weights."})
     retrieval_top_k: int = field(default=100, metadata={"help": "Cut-off K of retrieval_ndcg (BM25 NDCG@K)."})
+    teachers: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Frozen checkpoints sharing the policy's tokenizer whose mean answer log-prob the teacher "
+                          "rewards (teacher_kl, teacher_gain) use, e.g. the SFT seeds' kept checkpoints "
+                          "(select_checkpoint's 'ensemble')."})
     rollout_mode: str = field(
         default="sample", metadata={"help": "sample: num_generations constrained samples per prompt; beam: one "
                                             "constrained beam search per prompt, num_generations beams (ranked)."})

@@ -112,10 +112,18 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
             space.check_rows(train_rows, str(dd.rl(cfg.train_split)))
         space.check_rows(eval_rows, str(dd.rl(cfg.eval_split)))
 
-    beam_only = [r for r in cfg.rewards if r in ("ndcg_rank", "ndcg_rank_hit", "listwise")]
+    beam_only = [r for r in cfg.rewards if r in ("ndcg_rank", "ndcg_rank_hit", "listwise", "teacher_kl", "teacher_gain")]
     if beam_only and cfg.rollout_mode != "beam":
         raise BadInputError(f"reward {beam_only[0]} needs beam ranks: set rollout_mode: beam")
-    reward_funcs = [get_reward(r, data_dir=cfg.data_dir, cache_dir=cfg.output_dir, top_k=cfg.retrieval_top_k) for r in cfg.rewards]
+    teacher = [r for r in cfg.rewards if r in ("teacher_kl", "teacher_gain")]
+    if teacher and not cfg.teachers:
+        raise BadInputError(f"reward {teacher[0]} needs teachers: set teachers: [DIR, ...] (e.g. the SFT seeds' "
+                            "kept checkpoints)")
+    if "teacher_kl" in teacher and cfg.inject_target:
+        raise BadInputError("reward teacher_kl reads each beam's own log-prob, which an injected target lacks: "
+                            "set inject_target: false")
+    reward_funcs = [get_reward(r, data_dir=cfg.data_dir, cache_dir=cfg.output_dir, top_k=cfg.retrieval_top_k,
+                               teachers=tuple(cfg.teachers)) for r in cfg.rewards]
     peft_config = None
     if cfg.use_lora:
         from peft import LoraConfig
