@@ -18,8 +18,11 @@ figures are what a user gets:
 4. ``python -m mimigenrec.eval.select_checkpoint`` (the epoch and seed with the best valid NDCG@10); with two
    or more seeds the ``tiny_sft_ens`` row ranks by the mean log-prob of the kept model and the other
    seeds' own best checkpoints (``mimigenrec.models.ensemble``; no training, twice the inference);
-5. ``bash trl_trainer.sh examples/rl/tiny_beam.yaml`` (GRPO, 16 constrained beams per prompt,
-   target injected into groups that miss it, the watch keeps a later step only when it beats step 0 by 2 s.e. of valid NDCG@10);
+5. ``bash trl_trainer.sh examples/rl/tiny_teacher.yaml`` (GRPO, 16 constrained beams per prompt, 1,200
+   steps, the ``teacher_kl`` reward with the SFT seeds' kept checkpoints as teachers: on-policy
+   distillation of their ensemble; the watch on up to 5,000 valid rows keeps a later step only when it
+   beats step 0 by 2 s.e. of valid NDCG@10, else the SFT weights); ``--grpo_reward cf_rank`` runs the
+   previous default, ``examples/rl/tiny_beam.yaml``;
 6. ONE ``bash evaluate.sh`` call with every model beside ``--baseline popularity --baseline
    sasrec`` on the full test split;
 7. ``mimigenrec.eval.compare``: paired bootstrap 95% intervals (GRPO vs SFT, LLMs vs SASRec, ensemble vs SFT).
@@ -94,10 +97,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "one run's valid NDCG@10 varies by about 4%% with the seed (README; default: %(default)s)")
     a("--select_rows", type=int, default=1000,
       help="valid rows scoring each SFT checkpoint (0 = all valid rows; default: %(default)s)")
-    a("--grpo_steps", type=int, default=600,
+    a("--grpo_steps", type=int, default=1200,
       help="GRPO steps on the chosen SFT checkpoint (0 = no GRPO stage and no tiny_grpo row; default: %(default)s)")
-    a("--grpo_lr", type=float, default=None, help="GRPO learning rate (default: examples/rl/tiny_beam.yaml's)")
-    a("--grpo_eval_every", type=int, default=50, help="GRPO steps between valid NDCG@10 points (default: %(default)s)")
+    a("--grpo_lr", type=float, default=None, help="GRPO learning rate (default: the RL yaml's)")
+    a("--grpo_eval_every", type=int, default=200, help="GRPO steps between valid NDCG@10 points (default: %(default)s)")
+    a("--grpo_eval_rows", type=int, default=5000,
+      help="valid rows of the GRPO watch that keeps a step only when it beats step 0 by 2 s.e. (all when fewer; "
+           "default: %(default)s)")
+    a("--grpo_reward", choices=("teacher_kl", "teacher_gain", "cf_rank"), default="teacher_kl",
+      help="GRPO reward: teacher_kl / teacher_gain (examples/rl/tiny_teacher.yaml: the SFT seeds' kept checkpoints as "
+           "teachers, needs --sft_seeds >= 2) or cf_rank (examples/rl/tiny_beam.yaml: SASRec's rank of a wrong beam, "
+           "the target injected; the default before); default: %(default)s")
     a("--tiny_hidden", type=int, default=128, help="width of the tiny random Qwen2 (default: %(default)s)")
     a("--tiny_layers", type=int, default=4, help="layers of the tiny random Qwen2 (default: %(default)s)")
     a("--sid_method", choices=("rqvae", "rqkmeans_balanced", "rqkmeans", "rqkmeans_plus"), default="rqvae",
@@ -121,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sft_seeds < 1:
         p.error("--sft_seeds: at least 1")
+    if args.grpo_reward.startswith("teacher") and args.sft_seeds < 2:
+        p.error(f"--grpo_reward {args.grpo_reward}: the teachers are the SFT seeds' kept checkpoints; use --sft_seeds 2 or more")
     if bool(args.raw_dir) != bool(args.category):
         p.error("--raw_dir and --category go together")
     if bool(args.dataset) == bool(args.raw_dir):
@@ -325,10 +337,15 @@ def pipeline(a: argparse.Namespace) -> dict:
         trained["tiny_sft_ens"] = "select_sft"
     if a.grpo_steps > 0:
         llms["tiny_grpo"], trained["tiny_grpo"] = models / "tiny_grpo", "grpo_tiny"
-        r.run("grpo_tiny", ["bash", "trl_trainer.sh", "examples/rl/tiny_beam.yaml",
+        if a.grpo_reward == "cf_rank":
+            rl_yaml, reward = "examples/rl/tiny_beam.yaml", []
+        else:  # the teachers: the kept model and the other seeds' own best checkpoints
+            rl_yaml = "examples/rl/tiny_teacher.yaml"
+            reward = [f"rewards=[{a.grpo_reward}]", f"teachers={json.dumps(str(llms['tiny_sft_ens']).split('+'))}"]
+        r.run("grpo_tiny", ["bash", "trl_trainer.sh", rl_yaml,
                             f"model_name_or_path={models / 'tiny_sft'}", f"data_dir={data}",
                             f"output_dir={models / 'tiny_grpo'}", f"max_steps={a.grpo_steps}",
-                            f"eval_every_steps={a.grpo_eval_every}",
+                            f"eval_every_steps={a.grpo_eval_every}", f"eval_rows={a.grpo_eval_rows}", *reward,
                             *([f"learning_rate={a.grpo_lr:g}"] if a.grpo_lr else []),
                             *(["bf16=true", "use_cpu=false"] if cuda else [])], env=grpo_env,
                   after=("preprocess", "sft_tiny", "select_sft"), fresh=ROOT / models / "tiny_grpo")
@@ -371,7 +388,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "device": f"cuda ({torch.cuda.get_device_name(0)}), bf16" if cuda else
         f"cpu (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores visible)",
         "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_lr", "sft_seeds", "select_rows", "grpo_steps",
-                                                 "grpo_lr", "grpo_eval_every", "tiny_hidden", "tiny_layers",
+                                                 "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_reward", "tiny_hidden", "tiny_layers",
                                                  "sid_method", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
         | ({"smollm2_sft_steps": a.smollm2_sft_steps, "smollm2_eval_rows": a.smollm2_eval_rows} if a.smollm2 else {}),
         "data_stats": {k: stats[k] for k in ("users", "items", "interactions", "rows") if k in stats},
