@@ -12,8 +12,9 @@ equals the ``beam_logp`` that beam rollouts pass.
   the teachers order the beams as the policy does, so a group moves only where they disagree.
 
 Both need beam rollouts (``rollout_mode: beam``, no ``inject_target``: an injected target carries no
-beam log-prob). Measured on the bundled data (README "What was tried"), with the two SFT seeds as
-teachers both raise valid HR@10 and leave NDCG@10 within about 1 s.e. of the SFT model.
+beam log-prob). Measured on the bundled data (README "Results"), with the SFT seeds as teachers, both
+raised valid HR@10 by 5-7% over 1,200 steps and never cost valid NDCG@10 more than about 1 s.e. Their
+NDCG@10 gains wandered up to 1.5-1.9 s.e. and never reached the 2 s.e. that the watch asks for.
 """
 from __future__ import annotations
 
