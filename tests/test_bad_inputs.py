@@ -79,6 +79,14 @@ def build_rl(d: DataDir) -> None:
     assert preprocess(["build", "--out_dir", str(d.root), "--tasks", "sid_seq"]) == 0
 
 
+def rl_model(tmp: Path) -> DataDir:
+    """The toy dataset (tmp/ds) with its RL rows built, and a tiny model holding its SID tokens (tmp/m)."""
+    d = toy(tmp)
+    build_rl(d)
+    tiny_model(tmp / "m", read_json(d.new_tokens))
+    return d
+
+
 def sh(tmp: Path, script: str, *args: str, cwd: Path | None = None, **env: str) -> tuple[int, str]:
     p = subprocess.run(["bash", str(REPO / script), *args], cwd=cwd or tmp, env={**ENV, **env},
                        capture_output=True, text=True, timeout=300)
@@ -429,9 +437,7 @@ def trl_trainer_missing_config(tmp):
 
 @case(2, "{tmp}/rl.yaml", "unknown reward 'nosuch'", "path/to/file.py:function")
 def trl_trainer_unknown_reward(tmp):
-    d = toy(tmp)
-    build_rl(d)
-    tiny_model(tmp / "m", read_json(d.new_tokens))
+    rl_model(tmp)
     return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "m"), rewards=["rule", "nosuch"])))
 
 
@@ -452,27 +458,21 @@ def trl_trainer_model_without_sid_tokens(tmp):
 
 @case(2, "{tmp}/gone", "no such teacher folder")
 def trl_trainer_missing_teacher(tmp):
-    d = toy(tmp)
-    build_rl(d)
-    tiny_model(tmp / "m", read_json(d.new_tokens))
+    rl_model(tmp)
     return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "m"))),
               "teachers=[m,gone]", "rewards=[teacher_kl]", "rollout_mode=beam")  # caller-relative
 
 
 @case(2, "{tmp}/plain", "teacher's tokenizer differs from the policy's", "other SFT seeds")
 def trl_trainer_teacher_with_other_tokens(tmp):
-    d = toy(tmp)
-    build_rl(d)
-    tiny_model(tmp / "m", read_json(d.new_tokens))
+    rl_model(tmp)
     tiny_model(tmp / "plain", None)
     return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "m"), teachers=[str(tmp / "plain")])))
 
 
 @case(2, "{tmp}/rl.yaml", "reward teacher_kl needs teachers", "set teachers:")
 def trl_trainer_teacher_reward_without_teachers(tmp):
-    d = toy(tmp)
-    build_rl(d)
-    tiny_model(tmp / "m", read_json(d.new_tokens))
+    rl_model(tmp)
     return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "m"), rollout_mode="beam",
                                                    rewards=["teacher_kl"], max_steps=1, eval_rows=0)))
 
@@ -492,9 +492,7 @@ def trl_trainer_bad_yaml(tmp):
 
 @case(2, "{tmp}/rl.yaml", "reward_weights has 1 values for 2 rewards")
 def trl_trainer_reward_weights_mismatch(tmp):
-    d = toy(tmp)
-    build_rl(d)
-    tiny_model(tmp / "m", read_json(d.new_tokens))
+    rl_model(tmp)
     return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "m"))),
               "rewards=[rule,partial_match]", "reward_weights=[1.0]")
 
@@ -503,9 +501,7 @@ def trl_trainer_reward_weights_mismatch(tmp):
 def grpo_resume_after_dataset_rebuilt(tmp):
     from mimigenrec import launch
 
-    d = toy(tmp)
-    build_rl(d)
-    tiny_model(tmp / "m", read_json(d.new_tokens))
+    d = rl_model(tmp)
     cfg = str(rl_config(tmp, model_name_or_path=str(tmp / "m")))
     assert launch.main(["check-rl", cfg]) == 0  # what trl_trainer.sh runs before the first launch
     (tmp / "rl_out" / "checkpoint-3").mkdir()
@@ -516,9 +512,7 @@ def grpo_resume_after_dataset_rebuilt(tmp):
 
 @case(2, "{tmp}/gone", "no such checkpoint folder")
 def grpo_resume_from_missing_checkpoint(tmp):
-    d = toy(tmp)
-    build_rl(d)
-    tiny_model(tmp / "m", read_json(d.new_tokens))
+    rl_model(tmp)
     return sh(tmp, "trl_trainer.sh", str(rl_config(tmp, model_name_or_path=str(tmp / "m"))),
               "resume_from_checkpoint=gone")
 
