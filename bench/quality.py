@@ -340,8 +340,10 @@ def pipeline(a: argparse.Namespace) -> dict:
         if a.grpo_reward == "cf_rank":
             rl_yaml, reward = "examples/rl/tiny_beam.yaml", []
         else:  # the teachers: the kept model and the other seeds' own best checkpoints
+            from mimigenrec.models.ensemble import split_paths
+
             rl_yaml = "examples/rl/tiny_teacher.yaml"
-            reward = [f"rewards=[{a.grpo_reward}]", f"teachers={json.dumps(str(llms['tiny_sft_ens']).split('+'))}"]
+            reward = [f"rewards=[{a.grpo_reward}]", f"teachers={json.dumps(split_paths(llms['tiny_sft_ens']))}"]
         r.run("grpo_tiny", ["bash", "trl_trainer.sh", rl_yaml,
                             f"model_name_or_path={models / 'tiny_sft'}", f"data_dir={data}",
                             f"output_dir={models / 'tiny_grpo'}", f"max_steps={a.grpo_steps}",
