@@ -155,7 +155,9 @@ def check_rl_config(config: str | os.PathLike, overrides: Sequence[str] = ()) ->
                   "give one weight per reward")
     if model_dir.is_dir() and d.new_tokens.is_file() and cfg.get("constrained", True):
         check_sid_tokens(tokenizer_vocab(model_dir), read_json(d.new_tokens), model_dir, d.root)
-    needs = [r for r in map(str, rewards) if r in ("teacher_kl", "teacher_gain")]
+    from rewards import TEACHER_REWARDS
+
+    needs = [r for r in map(str, rewards) if r in TEACHER_REWARDS]
     if needs and not cfg.get("teachers"):
         raise bad(config, f"reward {needs[0]} needs teachers",
                   "set teachers: [DIR, ...] (checkpoints sharing the policy's tokenizer, e.g. the SFT seeds' kept ones)")

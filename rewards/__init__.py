@@ -48,6 +48,8 @@ from mimigenrec.prompts import ITEM_REF_RE
 
 RewardFunc = Callable[..., list]
 
+TEACHER_REWARDS = ("teacher_kl", "teacher_gain")  # built-ins that need the ``teachers`` config key
+
 _BUILTIN: dict[str, str] = {
     "rule": "rewards.sid_match:rule",
     "partial_match": "rewards.sid_match:partial_match",
@@ -184,4 +186,4 @@ def get_reward(name_or_spec: str | RewardFunc, **context: Any) -> RewardFunc:
     return _bind(fn, name, context)
 
 
-__all__ = ["completion_text", "column", "extra_infos", "get_reward", "ground_truths", "list_rewards"]
+__all__ = ["TEACHER_REWARDS", "completion_text", "column", "extra_infos", "get_reward", "ground_truths", "list_rewards"]

@@ -75,7 +75,7 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
 
     from mimigenrec.rl.grpo import AnswerSpace, ConstrainedGRPOTrainer, answer_kind
     from mimigenrec.rl.reward_watch import RewardWatch
-    from rewards import get_reward
+    from rewards import TEACHER_REWARDS, get_reward
 
     if not cfg.model_name_or_path:
         raise BadInputError("model_name_or_path is required")
@@ -112,10 +112,10 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
             space.check_rows(train_rows, str(dd.rl(cfg.train_split)))
         space.check_rows(eval_rows, str(dd.rl(cfg.eval_split)))
 
-    beam_only = [r for r in cfg.rewards if r in ("ndcg_rank", "ndcg_rank_hit", "listwise", "teacher_kl", "teacher_gain")]
+    beam_only = [r for r in cfg.rewards if r in ("ndcg_rank", "ndcg_rank_hit", "listwise", *TEACHER_REWARDS)]
     if beam_only and cfg.rollout_mode != "beam":
         raise BadInputError(f"reward {beam_only[0]} needs beam ranks: set rollout_mode: beam")
-    teacher = [r for r in cfg.rewards if r in ("teacher_kl", "teacher_gain")]
+    teacher = [r for r in cfg.rewards if r in TEACHER_REWARDS]
     if teacher and not cfg.teachers:
         raise BadInputError(f"reward {teacher[0]} needs teachers: set teachers: [DIR, ...] (e.g. the SFT seeds' "
                             "kept checkpoints)")
