@@ -99,6 +99,18 @@ def per_row(predictions: Iterable[Mapping], metric: str) -> dict[str, float]:
             for p in predictions}
 
 
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample std / sqrt(n); 0 for fewer than 2 values)."""
+    n = len(values)
+    if not n:
+        return 0.0, 0.0
+    m = sum(values) / n
+    if n < 2:
+        return m, 0.0
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10000, seed: int = 0,
                      level: float = 0.95) -> dict[str, float]:
     """Mean of ``b - a`` over paired rows and its percentile bootstrap interval (rows resampled).

@@ -27,8 +27,7 @@ import sys
 from pathlib import Path
 
 from mimigenrec.io import BadInputError, cli_errors, iter_records
-from mimigenrec.eval.metrics import per_row
-from mimigenrec.rl.reward_watch import mean_se
+from mimigenrec.eval.metrics import mean_se, per_row
 
 __all__ = ["checkpoints", "main", "select"]
 

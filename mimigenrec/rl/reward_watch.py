@@ -19,7 +19,6 @@ records the choice. Work is sharded over processes (each runs its share of rows)
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -27,31 +26,21 @@ from typing import Sequence
 import torch
 from transformers import TrainerCallback
 
-__all__ = ["BEST_DIR", "RewardWatch", "keep_best", "mean_se", "plot_watch", "rank_metrics"]
+from mimigenrec.eval.metrics import mean_se, row_metrics
+
+__all__ = ["BEST_DIR", "RewardWatch", "keep_best", "plot_watch", "rank_metrics"]
 
 BEST_DIR = "best_valid"
 
 
 def rank_metrics(ranked_cols: torch.LongTensor, target_cols: Sequence[int | None], k: int) -> list[tuple[float, float]]:
-    """Per row ``(NDCG@k, HR@k)`` with one relevant item: ``1/log2(rank+2)`` and 1 if its rank < k."""
+    """Per row ``(NDCG@k, HR@k)`` with one relevant item (:func:`~mimigenrec.eval.metrics.row_metrics`,
+    the evaluation's formulas); a row without a target scores 0."""
     out = []
     for row, t in zip(ranked_cols.tolist(), target_cols):
-        r = row.index(t) if t is not None and t in row else None
-        hit = r is not None and r < k
-        out.append((1.0 / math.log2(r + 2) if hit else 0.0, float(hit)))
+        m = row_metrics(row, t, (k,)) if t is not None else {f"ndcg@{k}": 0.0, f"hr@{k}": 0.0}
+        out.append((m[f"ndcg@{k}"], m[f"hr@{k}"]))
     return out
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample std / sqrt(n); 0 for fewer than 2 values)."""
-    n = len(values)
-    if not n:
-        return 0.0, 0.0
-    m = sum(values) / n
-    if n < 2:
-        return m, 0.0
-    var = sum((v - m) ** 2 for v in values) / (n - 1)
-    return m, math.sqrt(var / n)
 
 
 def plot_watch(points: Sequence[dict], path: str | Path, k: int) -> Path:
