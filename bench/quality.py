@@ -104,10 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--grpo_eval_rows", type=int, default=5000,
       help="valid rows of the GRPO watch that keeps a step only when it beats step 0 by 2 s.e. (all when fewer; "
            "default: %(default)s)")
-    a("--grpo_reward", choices=("teacher_kl", "teacher_gain", "cf_rank"), default="teacher_kl",
+    a("--grpo_reward", choices=("teacher_kl+cf_logp", "teacher_kl", "teacher_gain", "cf_rank"), default="teacher_kl",
       help="GRPO reward: teacher_kl / teacher_gain (examples/rl/tiny_teacher.yaml: the SFT seeds' kept checkpoints as "
-           "teachers, needs --sft_seeds >= 2) or cf_rank (examples/rl/tiny_beam.yaml: SASRec's rank of a wrong beam, "
-           "the target injected; the default before); default: %(default)s")
+           "teachers, needs --sft_seeds >= 2), teacher_kl+cf_logp (the same with SASRec's log-prob of the beam added, "
+           "weight 1: distillation of the seeds x SASRec product of experts) or cf_rank (examples/rl/tiny_beam.yaml: "
+           "SASRec's rank of a wrong beam, the target injected; the default before); default: %(default)s")
     a("--tiny_hidden", type=int, default=128, help="width of the tiny random Qwen2 (default: %(default)s)")
     a("--tiny_layers", type=int, default=4, help="layers of the tiny random Qwen2 (default: %(default)s)")
     a("--sid_method", choices=("rqvae", "rqkmeans_balanced", "rqkmeans", "rqkmeans_plus"), default="rqvae",
@@ -343,7 +344,9 @@ def pipeline(a: argparse.Namespace) -> dict:
             from mimigenrec.models.ensemble import split_paths
 
             rl_yaml = "examples/rl/tiny_teacher.yaml"
-            reward = [f"rewards=[{a.grpo_reward}]", f"teachers={json.dumps(split_paths(llms['tiny_sft_ens']))}"]
+            names = a.grpo_reward.split("+")
+            reward = [f"rewards=[{','.join(names)}]", f"reward_weights=[{','.join('1.0' for _ in names)}]",
+                      f"teachers={json.dumps(split_paths(llms['tiny_sft_ens']))}"]
         r.run("grpo_tiny", ["bash", "trl_trainer.sh", rl_yaml,
                             f"model_name_or_path={models / 'tiny_sft'}", f"data_dir={data}",
                             f"output_dir={models / 'tiny_grpo'}", f"max_steps={a.grpo_steps}",

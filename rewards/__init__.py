@@ -19,6 +19,7 @@ ndcg_rank_hit      rewards.sid_match           ndcg_rank in a group that holds t
 listwise           rewards.sid_match           1[hit] - softmax(beam_logp within the group)
 cf_rank            rewards.collaborative       1 if hit else 1/log2(SASRec rank of the answer + 2) - 1
 cf_fused           rewards.collaborative       1 if hit else mean of 1/log2(SASRec rank + 2), 1/log2(beam_rank + 2), - 1
+cf_logp            rewards.collaborative       log SASRec softmax(answer) over the ranked items; no label
 teacher_kl         rewards.teacher             teachers' mean log p(answer) - beam_logp (on-policy distillation; no label)
 teacher_gain       rewards.teacher             1/log2(teachers' rank in the group + 2) - 1/log2(beam_rank + 2); no label
 format             rewards.format              1 if [<think>..</think>] + one well-formed answer
@@ -58,6 +59,7 @@ _BUILTIN: dict[str, str] = {
     "listwise": "rewards.sid_match:listwise",
     "cf_rank": "rewards.collaborative:cf_rank",
     "cf_fused": "rewards.collaborative:cf_fused",
+    "cf_logp": "rewards.collaborative:cf_logp",
     "teacher_kl": "rewards.teacher:teacher_kl",
     "teacher_gain": "rewards.teacher:teacher_gain",
     "format": "rewards.format:format_reward",

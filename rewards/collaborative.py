@@ -20,15 +20,17 @@ import torch
 from rewards import completion_text, extra_infos
 
 
-@functools.lru_cache(maxsize=2)
-def _reward_model(data_dir: str, cache_dir: str | None = None):
+@functools.lru_cache(maxsize=4)
+def _reward_model(data_dir: str, cache_dir: str | None = None, split: str = "test"):
     """``(SASRecScorer, {sid string: item id}, universe ids)`` for ``data_dir``, read from its cache in
-    ``data_dir/baselines`` (or ``cache_dir/baselines``) or trained and cached in the first writable one."""
+    ``data_dir/baselines`` (or ``cache_dir/baselines``) or trained and cached in the first writable one.
+    ``split``: the protocol of ``evaluate.sh``'s SASRec for that split: "test" = trained on train,
+    early-stopped on valid; "valid" = stopped on each user's held-out last train row (valid unseen)."""
     from mimigenrec import prompts
     from mimigenrec.eval.evaluate import build_parser, load_eval_data, load_sasrec
     from mimigenrec.io import DataDir
 
-    args = build_parser().parse_args(["--data_dir", data_dir, "--split", "test", "--baseline", "sasrec",
+    args = build_parser().parse_args(["--data_dir", data_dir, "--split", split, "--baseline", "sasrec",
                                       "--output_dir", cache_dir or data_dir])
     args.methods = ["baseline:sasrec"]
     data = load_eval_data(args)
@@ -37,14 +39,14 @@ def _reward_model(data_dir: str, cache_dir: str | None = None):
     return scorer, sid_to_item, torch.tensor(sorted(data.universe))
 
 
-def sasrec_scored(completions, kwargs: dict, data_dir: str | None, cache_dir: str | None = None
+def sasrec_scored(completions, kwargs: dict, data_dir: str | None, cache_dir: str | None = None, split: str = "test"
                   ) -> tuple[list[tuple[int | None, int, torch.Tensor] | None], torch.Tensor]:
     """Per completion whose row names a target and a user: ``(its item id, None if not an item; the
     target; SASRec's scores of every item for the row's user)``, None elsewhere; and the ids of the
     items evaluation ranks. Every row's scores come from one batched SASRec call."""
     if not data_dir:
         raise ValueError("the cf rewards need the data folder (the trainer passes data_dir)")
-    scorer, sid_to_item, universe = _reward_model(str(Path(data_dir).resolve()), cache_dir)
+    scorer, sid_to_item, universe = _reward_model(str(Path(data_dir).resolve()), cache_dir, split)
     completions = list(completions or [])
     infos = extra_infos(kwargs, len(completions))
     out: list[tuple[int | None, int, torch.Tensor] | None] = [None] * len(completions)
@@ -102,3 +104,25 @@ def cf_fused(prompts=None, completions=None, completion_ids=None, *, data_dir: s
         raise ValueError("cf_fused needs beam-search rollouts (rollout_mode: beam), which pass beam_rank")
     return _cf_rewards(_sasrec_ranks(completions, kwargs, data_dir, cache_dir),
                        lambda k, r: (1.0 / math.log2(r + 2) + 1.0 / math.log2(int(beam_rank[k]) + 2)) / 2)
+
+
+def cf_logp(prompts=None, completions=None, completion_ids=None, *, data_dir: str | None = None,
+            cache_dir: str | None = None, **kwargs) -> list[float | None]:
+    """r = log of SASRec's softmax over the ranked items at the answer (a non-item: the lowest item's);
+    None for a row without a user. No label: added to ``teacher_kl`` (weights w) the reward is
+    log(p_teachers * p_SASRec^w) - log p_policy, on-policy distillation of that product of experts.
+
+    The SASRec is the one ``evaluate.sh`` trains to score valid: stopped on each user's held-out last
+    train row, so neither the reward nor a GRPO step the watch picks on valid has seen a valid label.
+    """
+    scored, universe = sasrec_scored(completions, kwargs, data_dir, cache_dir, split="valid")
+    out: list[float | None] = []
+    for x in scored:
+        if x is None:
+            out.append(None)
+            continue
+        item, _, s = x
+        logp = s[universe].log_softmax(-1)
+        pos = int(torch.searchsorted(universe, item)) if item is not None else len(universe)
+        out.append(float(logp[pos]) if pos < len(universe) and int(universe[pos]) == item else float(logp.min()))
+    return out

@@ -293,7 +293,7 @@ def test_sasrec_gain_orders_each_group_by_the_reward_models_scores(monkeypatch):
             return torch.tensor([[-abs(i - r["user_id"]) for i in range(5)] for r in rows], dtype=torch.float)
 
     sid = {f"<a_{i}>": i for i in range(5)}
-    monkeypatch.setattr(collab, "_reward_model", lambda data_dir, cache_dir=None: (Scorer(), sid, torch.arange(5)))
+    monkeypatch.setattr(collab, "_reward_model", lambda data_dir, cache_dir=None, split="test": (Scorer(), sid, torch.arange(5)))
     mod = _teacher_reward_module()
     comps = ["<a_0>", "<a_2>", "<a_1>", "<a_4>", "<a_3>", "<a_2>"]   # two groups of 3, in beam order
     ps = ["p0"] * 3 + ["p4"] * 3

@@ -29,7 +29,7 @@ MALFORMED = ["", "   ", "<think>unclosed " + SID, "garbage text", SID + " extra"
 def test_registry_lists_all_builtins():
     assert list_rewards() == sorted(["rule", "partial_match", "ndcg_rank", "ndcg_rank_hit", "listwise", "format", "think",
                                      "candidate_choice", "retrieval_ndcg", "recpo", "think_only", "query_format", "cf_rank",
-                                     "cf_fused", "teacher_kl", "teacher_gain"])
+                                     "cf_fused", "cf_logp", "teacher_kl", "teacher_gain"])
     for name in list_rewards():
         fn = get_reward(name, data_dir="unused")
         assert fn.__name__ == name and fn.__doc__ and "r =" in fn.__doc__
@@ -246,6 +246,33 @@ def test_cf_rank_is_the_sasrec_rank_of_the_answer(tmp_path):
     assert fused[:6] == pytest.approx(want_f) and fused[6] == -1.0
     with pytest.raises(ValueError, match="beam"):
         call("cf_fused", comps[:1], [None], data_dir=str(d.root), extra_info=infos[:1])
+
+
+def test_cf_logp_is_the_log_softmax_of_the_valid_protocol_sasrec(tmp_path):
+    """cf_logp = log of SASRec's softmax over the ranked items at the answer, from the SASRec that
+    evaluate.sh trains to score valid (stopped on held-out train rows, not the test split's), the
+    lowest item's for a non-item, None without a user; with teacher_kl it sums to the product of experts."""
+    from mimigenrec import prompts
+    from mimigenrec.io import read_jsonl
+    from mimigenrec.toy_data import make_dataset
+    from rewards.collaborative import _reward_model
+
+    d = make_dataset(tmp_path / "ds")
+    id2sid = d.load_id2sid()
+    rows = list(read_jsonl(d.inter("train")))[:2]
+    items = sorted(id2sid)[:4]
+    comps = [prompts.sid_string(id2sid[i]) for i in items] * 2 + ["not an item"]
+    infos = [{"user_id": r["user_id"], "position": r["position"], "target": r["target"]} for r in rows for _ in items]
+    got = call("cf_logp", comps, [None] * 9, data_dir=str(d.root), extra_info=infos + [infos[0]])
+    scorer, _, universe = _reward_model(str(d.root.resolve()), None, "valid")
+    test_scorer, _, _ = _reward_model(str(d.root.resolve()), None, "test")
+    assert scorer is not test_scorer and scorer.info.get("early_stopping_rows", "").startswith("each user's last train row")
+    logp = scorer.score_rows(rows)[:, universe].log_softmax(-1)
+    pos = {int(i): k for k, i in enumerate(universe)}
+    want = [float(logp[k // 4, pos[items[k % 4]]]) for k in range(8)]
+    assert got[:8] == pytest.approx(want, abs=1e-6) and got[8] == pytest.approx(float(logp[0].min()))
+    assert all(x < 0 for x in got)
+    assert call("cf_logp", comps[:1], [None], data_dir=str(d.root), extra_info=[{}]) == [None]
 
 
 def test_cf_rank_caches_its_reward_model_in_cache_dir_when_the_data_is_read_only(tmp_path, monkeypatch):
