@@ -34,16 +34,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def reencode_scores(prompts: list, completions: list, teachers: list[str]) -> list[float]:
     """The baseline: each (prompt + completion + EOS) row run through every teacher in full."""
     import torch
-    from trl.data_utils import maybe_apply_chat_template
 
-    from rewards import completion_text
-    from rewards.teacher import _padded, teacher_models
+    from rewards.teacher import _padded, teacher_models, token_ids
 
     tok, models = teacher_models(tuple(teachers))
-    P = [tok(maybe_apply_chat_template({"prompt": p}, tok)["prompt"], add_special_tokens=False).input_ids
-         for p in prompts]
-    C = [tok(completion_text(c).strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
-         for c in completions]
+    P, C = token_ids(tok, prompts, completions)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids, att = _padded([p + c for p, c in zip(P, C)], pad, left=True)
     answer = torch.zeros_like(att, dtype=torch.bool)

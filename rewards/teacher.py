@@ -57,8 +57,6 @@ def teacher_scores(prompts: list, completions: list, teachers: Sequence[str] | s
     Each distinct prompt is prefilled once per teacher (a GRPO batch holds a few prompts, each with
     its group of beams); its cache is then copied to its completions, which run as one short batch.
     """
-    from trl.data_utils import maybe_apply_chat_template
-
     tok, models = teacher_models(_teacher_tuple(teachers))
     index: dict[str, int] = {}
     distinct = []
@@ -67,10 +65,7 @@ def teacher_scores(prompts: list, completions: list, teachers: Sequence[str] | s
             index[repr(p)] = len(distinct)
             distinct.append(p)
     owner = torch.tensor([index[repr(p)] for p in prompts])
-    P = [tok(maybe_apply_chat_template({"prompt": p}, tok)["prompt"], add_special_tokens=False).input_ids
-         for p in distinct]
-    C = [tok(completion_text(c).strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
-         for c in completions]
+    P, C = token_ids(tok, distinct, completions)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     p_ids, p_att = _padded(P, pad, left=True)      # prompts end at the last column
     c_ids, c_att = _padded(C, pad, left=False)     # completions start at the first
@@ -90,6 +85,18 @@ def teacher_scores(prompts: list, completions: list, teachers: Sequence[str] | s
         lp = torch.cat([first.gather(-1, c_ids[:, :1]), rest.gather(-1, c_ids[:, 1:, None])[..., 0]], 1)
         total += (lp * c_att).sum(1)
     return (total / len(models)).tolist()
+
+
+def token_ids(tok, prompts: list, completions: list) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of the prompts (chat template applied, as the trainer renders them) and of the
+    completions' answers + EOS."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    P = [tok(maybe_apply_chat_template({"prompt": p}, tok)["prompt"], add_special_tokens=False).input_ids
+         for p in prompts]
+    C = [tok(completion_text(c).strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
+         for c in completions]
+    return P, C
 
 
 def _padded(rows: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,4 +143,4 @@ def teacher_gain(prompts=None, completions=None, completion_ids=None, *, teacher
     return rank_gain(group_ranks(prompts, teacher_scores(prompts, completions, teachers)), kwargs.get("beam_rank"))
 
 
-__all__ = ["group_ranks", "rank_gain", "teacher_gain", "teacher_kl", "teacher_models", "teacher_scores"]
+__all__ = ["group_ranks", "rank_gain", "teacher_gain", "teacher_kl", "teacher_models", "teacher_scores", "token_ids"]
