@@ -13,8 +13,9 @@ equals the ``beam_logp`` that beam rollouts pass.
 
 Both need beam rollouts (``rollout_mode: beam``, no ``inject_target``: an injected target carries no
 beam log-prob). Measured on the bundled data (README "Results"), with the SFT seeds as teachers, both
-raised valid HR@10 by 5-7% over 1,200 steps and never cost valid NDCG@10 more than about 1 s.e. Their
-NDCG@10 gains wandered up to 1.5-1.9 s.e. and never reached the 2 s.e. that the watch asks for.
+raised valid HR@10 by 5-8% over 1,200 steps and never cost valid NDCG@10 more than about 1 s.e. With
+one machine's SFT seeds ``teacher_kl`` gained +0.0049 ± 0.0013 valid NDCG@10 (test +3.7%, interval
+above 0); with another's, stronger ones, its gain stayed under the watch's 2 s.e.
 """
 from __future__ import annotations
 
