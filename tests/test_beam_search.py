@@ -284,6 +284,39 @@ def test_teacher_reward_scores_are_the_beam_search_scores(tiny, tmp_path):
         teacher.teacher_kl(ps, cs, teachers=[], beam_logp=got)
 
 
+def test_teacher_scores_prefill_once_equals_each_row_run_in_full(tiny, tmp_path):
+    """teacher_scores prefills each distinct prompt once and scores its beams from a copy of the cache:
+    prompts of different lengths, interleaved, repeated and answers of different lengths get the
+    scores of every (prompt + answer + EOS) row run through the model in full; two teachers average."""
+    import copy
+
+    from rewards import teacher
+
+    model, tok, id2sid = tiny
+    other = sharpen(copy.deepcopy(model), seed=5)
+    for name, m in (("a", model), ("b", other)):
+        m.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    msgs = [prompts.chat_messages(prompts.sft_row("sid_seq", "User history (oldest first): " + h, ""))
+            for h in ("<a_1><b_1><c_2>", "<a_2><b_1><c_1>, <a_1><b_2><c_1>, <a_2><b_2><c_2>")]
+    sids = ["".join(s) for s in list(id2sid.values())[:5]]
+    ps = [msgs[k % 2] for k in range(10)]
+    cs = [sids[k % 5] for k in range(9)] + [sids[0][:-7] if len(sids[0]) > 7 else sids[0]]
+
+    def full(m, p, c):
+        ids_p, ids_c = teacher.token_ids(tok, [p], [c])
+        ids = torch.tensor([ids_p[0] + ids_c[0]])
+        lp = m(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        n = len(ids_c[0])
+        return float(lp[-n:].gather(-1, ids[0, -n:, None]).sum())
+
+    teacher.teacher_models.cache_clear()
+    with torch.no_grad():
+        want = [(full(model, p, c) + full(other, p, c)) / 2 for p, c in zip(ps, cs)]
+    got = teacher.teacher_scores(ps, cs, [str(tmp_path / "a"), str(tmp_path / "b")])
+    assert got == pytest.approx(want, abs=1e-4)
+
+
 def test_sasrec_gain_orders_each_group_by_the_reward_models_scores(monkeypatch):
     """sasrec_gain: within each prompt's group, SASRec's order of the beams minus their own order."""
     import rewards.collaborative as collab
