@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -24,14 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def ndcg_hr(rows: list[dict], score) -> tuple[float, float]:
-    """Mean NDCG@10 and HR@10 when each row's candidates are ordered by ``score(candidate)``."""
-    nd = hr = 0.0
-    for r in rows:
-        top = [c["item"] for c in sorted(r["cands"], key=lambda c: -score(c))][:10]
-        if r["target"] in top:
-            nd += 1 / math.log2(top.index(r["target"]) + 2)
-            hr += 1
-    return nd / len(rows), hr / len(rows)
+    """Mean NDCG@10 and HR@10 (``metrics.row_metrics``) when each row's candidates are ordered by
+    ``score(candidate)``."""
+    from mimigenrec.eval.metrics import row_metrics
+
+    ms = [row_metrics([c["item"] for c in sorted(r["cands"], key=lambda c: -score(c))], r["target"], (10,))
+          for r in rows]
+    return sum(m["ndcg@10"] for m in ms) / len(ms), sum(m["hr@10"] for m in ms) / len(ms)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         for j, r in enumerate(rows):
             top = universe[torch.topk(logp[j], a.beams).indices].tolist()
             cands = list(dict.fromkeys([i for i in beams.items[j].tolist() if i >= 0] + top))
-            m = prompts.chat_messages(prompts.sft_row("sid_seq", prompts.build_input(
-                "sid_seq", history=r["history"], items=data.items, id2sid=data.id2sid), ""))
-            msgs += [m] * len(cands)
+            msgs += [ranker.messages(r, None)] * len(cands)
             comps += [sid[i] for i in cands]
             owner += [(j, i) for i in cands]
         llm = [teacher_scores(msgs, comps, [m]) for m in a.model]

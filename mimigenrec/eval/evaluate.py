@@ -357,11 +357,15 @@ class ModelRanker(Ranker):
             self.trie = self.trie.to(device)
         self._len: dict[str, int] = {}
 
-    def prompt(self, row: dict, cands: list[int] | None) -> str:
+    def messages(self, row: dict, cands: list[int] | None) -> list[dict]:
+        """The row's prompt as chat messages (the SFT template; what the RL rows hold as ``prompt``)."""
         d = self.data
         text = prompts.build_input(self.task, history=row["history"], items=d.items, id2sid=d.id2sid,
                                    captions=d.captions, candidates=cands)
-        return prompts.render_prompt(self.tok, prompts.chat_messages(prompts.sft_row(self.task, text, "")))
+        return prompts.chat_messages(prompts.sft_row(self.task, text, ""))
+
+    def prompt(self, row: dict, cands: list[int] | None) -> str:
+        return prompts.render_prompt(self.tok, self.messages(row, cands))
 
     def sort_key(self, row: dict) -> int:
         return -len(row["history"])  # long prompts first: similar lengths share a batch, OOM shows early
