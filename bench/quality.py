@@ -77,6 +77,7 @@ DATASETS = {
     "ml100k": {"name": "ml100k", "source": "movielens", "raw_dir": None, "extra": [],
                "label": "MovieLens-100k (RecBole copy fetched at run time; every rating is an interaction)"},
 }
+SID_CF_WEIGHT = 0.0   # text-only SIDs
 LLM_METHODS = ("tiny_sft", "tiny_sft_ens", "tiny_grpo", "smollm2_sft")
 COMPARISONS = (("tiny_sft", "tiny_grpo"), ("sasrec", "tiny_sft"), ("sasrec", "tiny_grpo"), ("sasrec", "tiny_sft_ens"),
                ("tiny_sft", "tiny_sft_ens"))
@@ -114,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--sid_method", choices=("rqvae", "rqkmeans_balanced", "rqkmeans", "rqkmeans_plus"), default="rqvae",
       help="semantic-ID method of preprocessing (another than the default names the run <dataset>_<method>; "
            "default: %(default)s)")
+    a("--sid_cf_weight", type=float, default=SID_CF_WEIGHT,
+      help="weight of SASRec's item embeddings beside the text embeddings that the SIDs quantize (preprocess "
+           "--sid_cf_weight; 0 = text only; another value than the default names the run <dataset>_cf<W>; "
+           "default: %(default)s)")
     a("--sid_init", choices=("random", "semantic"), default="random",
       help="SID token embeddings of the tiny model (default: %(default)s)")
     a("--eval_rows", type=int, default=0,
@@ -144,6 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def dataset_spec(a: argparse.Namespace) -> dict:
     """Source, raw dir, extra preprocess flags, output name and label of the chosen dataset."""
     suffix = "" if a.sid_method == "rqvae" else f"_{a.sid_method}"
+    if a.sid_cf_weight != SID_CF_WEIGHT:
+        suffix += f"_cf{a.sid_cf_weight:g}"
     if a.dataset:
         spec = dict(DATASETS[a.dataset])
         spec["name"] = a.name or spec["name"] + suffix
@@ -154,7 +161,8 @@ def dataset_spec(a: argparse.Namespace) -> dict:
         spec = {"name": a.name or a.category + suffix, "source": "amazon18", "raw_dir": str(raw.resolve()),
                 "extra": ["--category", a.category], "label": f"Amazon-2018 {a.category} ({raw}, --kcore 0)"}
     if suffix:
-        spec["label"] += f", SIDs by {a.sid_method}"
+        spec["label"] += f", SIDs by {a.sid_method}" + (f" of [text, {a.sid_cf_weight:g} x SASRec] embeddings"
+                                                        if a.sid_cf_weight else " of text embeddings")
     return spec
 
 
@@ -304,6 +312,7 @@ def pipeline(a: argparse.Namespace) -> dict:
     r.run("preprocess", [py, "-m", "preprocess", "all", "--source", spec["source"], "--raw_dir", raw,
                          *spec["extra"], "--out_dir", str(data), "--kcore", "0", "--split", "loo",
                          "--name", spec["name"], "--tasks", "sid_seq", "--sid_method", a.sid_method,
+                         *(["--sid_cf_weight", f"{a.sid_cf_weight:g}"] if a.sid_cf_weight else []),
                          "--seed", str(a.seed)])
     r.run("backbone", [py, "-m", "mimigenrec.models.backbones", "tiny", "--out", str(models / "tiny"),
                        "--data_dir", str(data), "--hidden_size", str(a.tiny_hidden),
@@ -394,7 +403,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         f"cpu (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores visible)",
         "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_lr", "sft_seeds", "select_rows", "grpo_steps",
                                                  "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_reward", "tiny_hidden", "tiny_layers",
-                                                 "sid_method", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
+                                                 "sid_method", "sid_cf_weight", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
         | ({"smollm2_sft_steps": a.smollm2_sft_steps, "smollm2_eval_rows": a.smollm2_eval_rows} if a.smollm2 else {}),
         "data_stats": {k: stats[k] for k in ("users", "items", "interactions", "rows") if k in stats},
         "training": {"tiny_sft": sft_result(ROOT / models / "tiny_sft"),

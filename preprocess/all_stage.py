@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sid: quantizer (python -m preprocess sid --help; its other options keep their defaults)")
     g.add_argument("--levels", type=int, default=3, help="sid: residual levels")
     g.add_argument("--codebook_size", type=int, default=256, help="sid: codes per level")
+    g.add_argument("--sid_cf_weight", type=float, default=0.0,
+                   help="sid: weight W of SASRec's item embeddings beside the text ones (sid --cf_weight; 0 = text only)")
     g.add_argument("--caption_backend", choices=["hf", "http"], help="caption images with this backend (off if unset)")
     g.add_argument("--cot_backend", choices=["hf", "http", "none"], help="build CoT with this backend (off if unset)")
     g.add_argument("--llm", help="caption/cot: model path (hf backends)")
@@ -72,7 +74,8 @@ def plan(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
     steps = [(args.source, source),
              ("embed", stage_namespace("embed", o, encoder=args.encoder)),
              ("sid", stage_namespace("sid", o, method=args.sid_method, levels=args.levels,
-                                     codebook_size=args.codebook_size, seed=args.seed))]
+                                     codebook_size=args.codebook_size, seed=args.seed,
+                                     cf_weight=args.sid_cf_weight))]
     llm = {"model": args.llm, "base_url": args.base_url, "api_model": args.api_model}
     if args.caption_backend:
         steps.append(("caption", stage_namespace("caption", [*o, "--backend", args.caption_backend], **llm)))

@@ -530,6 +530,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vae_dead_code_reinit", action=argparse.BooleanOptionalAction,
                    default=RQVAE_DEFAULTS.dead_code_reinit,
                    help="after each epoch, re-initialise codes no item used to the worst-quantized residuals")
+    p.add_argument("--cf_weight", type=float, default=0.0,
+                   help="quantize [text, W * SASRec item embedding] (both unit length) instead of the text alone: "
+                        "items bought in the same contexts can share prefixes (preprocess/cf_embed.py; trains the "
+                        "valid-protocol SASRec, cached in O/baselines; 0 = text only)")
     p.add_argument("--dedup", choices=DEDUP, default="reassign",
                    help="collision fix: reassign = move colliding items to the nearest free last-level code "
                         "(falling back to extend where a prefix is full); extend = one more level for every item")
@@ -569,6 +573,8 @@ def _settings(args: argparse.Namespace, emb: np.ndarray) -> dict[str, Any]:
     if "vae_hidden" in s:
         s["vae_hidden"] = list(vae_config(args).hidden)
     s["token_prefixes"] = parse_prefixes(args.token_prefixes)
+    if getattr(args, "cf_weight", 0) > 0:  # text-only settings keep their old fingerprint
+        s["cf_weight"] = args.cf_weight
     s["emb_sha256"] = hashlib.sha256(np.ascontiguousarray(emb).tobytes()).hexdigest()
     return s
 
@@ -603,6 +609,10 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"{d.emb}: not found; run `python -m preprocess embed --out_dir {args.out_dir}` first")
     emb = np.load(d.emb)
     ids = _item_ids(d, len(emb))
+    if args.cf_weight > 0:
+        from preprocess.cf_embed import with_collaborative
+
+        emb = with_collaborative(emb, d.root, args.cf_weight)
     settings = _settings(args, emb)
     if not args.overwrite and _up_to_date(d, settings):
         print(f"[sid] {d.id2sid} is up to date (use --overwrite to recompute)")

@@ -275,3 +275,52 @@ def sid_args(out_dir):
     p = argparse.ArgumentParser()
     sid.add_arguments(p)
     return p.parse_args(["--out_dir", str(out_dir)])
+
+
+def test_sid_cf_weight_quantizes_text_beside_the_valid_protocol_sasrec(tmp_path, capsys):
+    """--cf_weight W: the vectors quantized are [unit(text), W * unit(SASRec item embedding)], from
+    the SASRec that scores valid (never trained or stopped on a valid or test target), with a zero
+    collaborative part for items in no train sequence; the setting is in the fingerprint, so W = 0
+    and W > 0 are not mistaken for each other."""
+    from mimigenrec.toy_data import make_dataset
+    from preprocess.cf_embed import sasrec_item_vectors, with_collaborative
+    from rewards.collaborative import _reward_model
+
+    d = make_dataset(tmp_path / "ds", n_items=40)
+    text = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    np.save(d.emb, text)
+    cf = sasrec_item_vectors(d.root, 40)
+    scorer, _, _ = _reward_model(str(d.root.resolve()), None, "valid")
+    assert scorer.info["early_stopping_rows"].startswith("each user's last train row")
+    weight = scorer.model.item_emb.weight[1:].detach().numpy()
+    in_train = {i for r in read_jsonl_rows(d.inter("train")) for i in r["history"] + [r["target"]]}
+    for i in range(40):
+        want = weight[i] if i in in_train else np.zeros_like(weight[i])
+        np.testing.assert_allclose(cf[i], want, atol=1e-6)
+    assert len(in_train) < 40  # the toy data leaves some items out of train: their part is 0
+    x = with_collaborative(text, d.root, 0.5)
+    assert x.shape == (40, 8 + weight.shape[1])
+    np.testing.assert_allclose(np.linalg.norm(x[:, :8], axis=1), 1.0, atol=1e-5)
+    norms = np.linalg.norm(x[:, 8:], axis=1)
+    assert all(abs(n - (0.5 if i in in_train else 0.0)) < 1e-5 for i, n in enumerate(norms))
+    assert with_collaborative(text, d.root, 0.0) is text
+
+    base = ["sid", "--out_dir", str(d.root), "--levels", "2", "--codebook_size", "4", "--method", "rqkmeans"]
+    assert cli(base) == 0
+    text_only = read_json(d.sid_stats)["settings"]
+    assert "cf_weight" not in text_only and text_only["emb_sha256"] == sha(text)
+    assert cli(base + ["--cf_weight", "1"]) == 0
+    s = read_json(d.sid_stats)["settings"]
+    assert s["cf_weight"] == 1.0 and s["emb_sha256"] == sha(with_collaborative(text, d.root, 1.0))
+    capsys.readouterr()
+    assert cli(base + ["--cf_weight", "1"]) == 0 and "up to date" in capsys.readouterr().out
+
+
+def read_jsonl_rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def sha(x):
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest()
