@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def summarize(rows: list[dict], order) -> dict:
@@ -49,16 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from tqdm import tqdm
+    from valid_ranker import valid_ranker
 
     from mimigenrec.decoding.beam_search import constrained_beam_search
-    from mimigenrec.eval.evaluate import ModelRanker, build_parser, load_eval_data
 
-    args = build_parser().parse_args(["--data_dir", a.data_dir, "--split", "valid", "--model", f"m={a.model}",
-                                      "--output_dir", str(Path(a.data_dir) / "beam_rerank"), "--max_rows",
-                                      str(a.rows), "--seed", str(a.seed)])
-    args.methods = ["model:m"]
-    data = load_eval_data(args)
-    ranker = ModelRanker("m", a.model, data, args, "cpu")
+    data, ranker = valid_ranker(a.data_dir, a.model, a.rows, a.seed, "beam_rerank")
     rows = []
     with torch.no_grad():
         for b in tqdm(range(0, len(data.rows), a.batch_size), desc="beams", unit="batch"):

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def ndcg_hr(rows: list[dict], score) -> tuple[float, float]:
@@ -44,20 +45,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from tqdm import tqdm
+    from valid_ranker import valid_ranker
 
     from mimigenrec import prompts
     from mimigenrec.decoding.beam_search import constrained_beam_search
-    from mimigenrec.eval.evaluate import ModelRanker, build_parser, load_eval_data
     from rewards.collaborative import _reward_model
     from rewards.teacher import teacher_scores
 
-    args = build_parser().parse_args(["--data_dir", a.data_dir, "--split", "valid", "--model", f"m={a.model[0]}",
-                                      "--output_dir", str(Path(a.data_dir) / "poe_ceiling"), "--max_rows",
-                                      str(a.rows), "--seed", str(a.seed)])
-    args.methods = ["model:m"]
-    data = load_eval_data(args)
+    data, ranker = valid_ranker(a.data_dir, a.model[0], a.rows, a.seed, "poe_ceiling")
     sasrec, _, universe = _reward_model(str(Path(a.data_dir).resolve()), None, "valid")
-    ranker = ModelRanker("m", a.model[0], data, args, "cpu")
     sid = {i: prompts.sid_string(s) for i, s in data.id2sid.items()}
     col = {int(i): k for k, i in enumerate(universe)}
     out = []
