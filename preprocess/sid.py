@@ -609,6 +609,8 @@ def run(args: argparse.Namespace) -> int:
         raise BadInputError(f"{d.emb}: not found; run `python -m preprocess embed --out_dir {args.out_dir}` first")
     emb = np.load(d.emb)
     ids = _item_ids(d, len(emb))
+    if args.cf_weight < 0:
+        raise BadInputError(f"--cf_weight {args.cf_weight}: must be >= 0 (0 = text embeddings only)")
     if args.cf_weight > 0:
         from preprocess.cf_embed import with_collaborative
 

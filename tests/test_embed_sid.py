@@ -269,12 +269,12 @@ def test_sid_stage_files_and_cache(items_dir, capsys):
         sid.run(sid_args(items_dir))
 
 
-def sid_args(out_dir):
+def sid_args(out_dir, *extra):
     import argparse
 
     p = argparse.ArgumentParser()
     sid.add_arguments(p)
-    return p.parse_args(["--out_dir", str(out_dir)])
+    return p.parse_args(["--out_dir", str(out_dir), *extra])
 
 
 def test_sid_cf_weight_quantizes_text_beside_the_valid_protocol_sasrec(tmp_path, capsys):
@@ -314,6 +314,8 @@ def test_sid_cf_weight_quantizes_text_beside_the_valid_protocol_sasrec(tmp_path,
     assert s["cf_weight"] == 1.0 and s["emb_sha256"] == sha(with_collaborative(text, d.root, 1.0))
     capsys.readouterr()
     assert cli(base + ["--cf_weight", "1"]) == 0 and "up to date" in capsys.readouterr().out
+    with pytest.raises(BadInputError, match="--cf_weight -1"):
+        sid.run(sid_args(d.root, "--cf_weight", "-1"))
 
 
 def read_jsonl_rows(path):
