@@ -25,13 +25,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def sasrec_item_vectors(data_dir: str | Path, n_items: int) -> np.ndarray:
     """``[n_items, d]`` item embeddings of the valid-protocol SASRec of ``data_dir`` (trained and
     cached on first use); rows of items absent from every train sequence are 0."""
-    from mimigenrec.eval.evaluate import build_parser, load_eval_data, load_sasrec
+    from mimigenrec.eval.evaluate import split_sasrec
 
-    args = build_parser().parse_args(["--data_dir", str(data_dir), "--split", "valid", "--baseline", "sasrec",
-                                      "--output_dir", str(data_dir)])
-    args.methods = ["baseline:sasrec"]
-    data = load_eval_data(args)
-    scorer = load_sasrec(data, args, progress=False)
+    data, scorer = split_sasrec(data_dir, "valid")
     weight = scorer.model.item_emb.weight[1:].detach().cpu().numpy().astype(np.float32)  # row i = item id i
     out = np.zeros((n_items, weight.shape[1]), dtype=np.float32)
     m = min(n_items, len(weight))

@@ -27,14 +27,10 @@ def _reward_model(data_dir: str, cache_dir: str | None = None, split: str = "tes
     ``split``: the protocol of ``evaluate.sh``'s SASRec for that split: "test" = trained on train,
     early-stopped on valid; "valid" = stopped on each user's held-out last train row (valid unseen)."""
     from mimigenrec import prompts
-    from mimigenrec.eval.evaluate import build_parser, load_eval_data, load_sasrec
+    from mimigenrec.eval.evaluate import split_sasrec
     from mimigenrec.io import DataDir
 
-    args = build_parser().parse_args(["--data_dir", data_dir, "--split", split, "--baseline", "sasrec",
-                                      "--output_dir", cache_dir or data_dir])
-    args.methods = ["baseline:sasrec"]
-    data = load_eval_data(args)
-    scorer = load_sasrec(data, args, progress=False)
+    data, scorer = split_sasrec(data_dir, split, cache_dir)
     sid_to_item = {prompts.sid_string(s): i for i, s in DataDir(data_dir).load_id2sid().items()}
     return scorer, sid_to_item, torch.tensor(sorted(data.universe))
 

@@ -550,6 +550,17 @@ def load_sasrec(data: EvalData, args: argparse.Namespace, loss: str = "ce", devi
                                       stopping=stop)
 
 
+def split_sasrec(data_dir: str | os.PathLike, split: str, output_dir: str | os.PathLike | None = None):
+    """``(EvalData, SASRecScorer)``: the SASRec baseline ``evaluate.sh --split split`` trains for
+    ``data_dir`` (protocol: :func:`sasrec_stopping`), read from its cache or trained and cached in
+    ``data_dir/baselines`` (``output_dir/baselines`` when the data is read-only). Needs no SIDs."""
+    args = build_parser().parse_args(["--data_dir", str(data_dir), "--split", split, "--baseline", "sasrec",
+                                      "--output_dir", str(output_dir or data_dir)])
+    args.methods = ["baseline:sasrec"]
+    data = load_eval_data(args)
+    return data, load_sasrec(data, args, progress=False)
+
+
 def sasrec_stopping(data: EvalData) -> tuple[UserSequences, list[dict], str]:
     """``(sequences to train on, early-stopping rows, protocol name)`` for SASRec.
 
