@@ -43,6 +43,5 @@ def with_collaborative(text: np.ndarray, data_dir: str | Path, weight: float) ->
     """``[unit(text), weight * unit(sasrec)]``; ``text`` unchanged when ``weight`` is 0."""
     if weight <= 0:
         return text
-    cf = sasrec_item_vectors(data_dir, len(text))
-    cf_part = np.where(np.linalg.norm(cf, axis=1, keepdims=True) > 0, _unit(cf), 0.0)
-    return np.concatenate([_unit(text.astype(np.float32)), weight * cf_part], axis=1).astype(np.float32)
+    cf = _unit(sasrec_item_vectors(data_dir, len(text)))  # zero rows (items in no train sequence) stay 0
+    return np.concatenate([_unit(text.astype(np.float32)), weight * cf], axis=1).astype(np.float32)

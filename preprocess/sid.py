@@ -573,7 +573,7 @@ def _settings(args: argparse.Namespace, emb: np.ndarray) -> dict[str, Any]:
     if "vae_hidden" in s:
         s["vae_hidden"] = list(vae_config(args).hidden)
     s["token_prefixes"] = parse_prefixes(args.token_prefixes)
-    if getattr(args, "cf_weight", 0) > 0:  # text-only settings keep their old fingerprint
+    if args.cf_weight > 0:  # text-only settings keep their old fingerprint
         s["cf_weight"] = args.cf_weight
     s["emb_sha256"] = hashlib.sha256(np.ascontiguousarray(emb).tobytes()).hexdigest()
     return s

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from mimigenrec.io import BadInputError, DataDir, read_json, write_jsonl
+from mimigenrec.io import BadInputError, DataDir, read_json, read_jsonl, write_jsonl
 from mimigenrec.prompts import SID_TOKEN_RE
 from preprocess import embed, sid
 from preprocess.__main__ import main as cli
@@ -293,7 +293,7 @@ def test_sid_cf_weight_quantizes_text_beside_the_valid_protocol_sasrec(tmp_path,
     scorer, _, _ = _reward_model(str(d.root.resolve()), None, "valid")
     assert scorer.info["early_stopping_rows"].startswith("each user's last train row")
     weight = scorer.model.item_emb.weight[1:].detach().numpy()
-    in_train = {i for r in read_jsonl_rows(d.inter("train")) for i in r["history"] + [r["target"]]}
+    in_train = {i for r in read_jsonl(d.inter("train")) for i in r["history"] + [r["target"]]}
     for i in range(40):
         want = weight[i] if i in in_train else np.zeros_like(weight[i])
         np.testing.assert_allclose(cf[i], want, atol=1e-6)
@@ -316,10 +316,6 @@ def test_sid_cf_weight_quantizes_text_beside_the_valid_protocol_sasrec(tmp_path,
     assert cli(base + ["--cf_weight", "1"]) == 0 and "up to date" in capsys.readouterr().out
     with pytest.raises(BadInputError, match="--cf_weight -1"):
         sid.run(sid_args(d.root, "--cf_weight", "-1"))
-
-
-def read_jsonl_rows(path):
-    return [json.loads(line) for line in open(path)]
 
 
 def sha(x):
