@@ -78,6 +78,7 @@ DATASETS = {
                "label": "MovieLens-100k (RecBole copy fetched at run time; every rating is an interaction)"},
 }
 SID_CF_WEIGHT = 0.0   # text-only SIDs
+TINY_ARCH, TINY_DROPOUT = "qwen2", 0.0   # the tiny backbone (README: the dropout ablation)
 LLM_METHODS = ("tiny_sft", "tiny_sft_ens", "tiny_grpo", "smollm2_sft")
 COMPARISONS = (("tiny_sft", "tiny_grpo"), ("sasrec", "tiny_sft"), ("sasrec", "tiny_grpo"), ("sasrec", "tiny_sft_ens"),
                ("tiny_sft", "tiny_sft_ens"))
@@ -112,6 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "SASRec's rank of a wrong beam, the target injected; the default before); default: %(default)s")
     a("--tiny_hidden", type=int, default=128, help="width of the tiny random Qwen2 (default: %(default)s)")
     a("--tiny_layers", type=int, default=4, help="layers of the tiny random Qwen2 (default: %(default)s)")
+    a("--tiny_arch", choices=("qwen2", "gpt_neox"), default=TINY_ARCH,
+      help="architecture of the tiny model (mimigenrec.models.backbones --arch; default: %(default)s)")
+    a("--tiny_dropout", type=float, default=TINY_DROPOUT,
+      help="its training dropout (backbones --dropout: gpt_neox also drops embeddings and residual branches; "
+           "default: %(default)s)")
     a("--sid_method", choices=("rqvae", "rqkmeans_balanced", "rqkmeans", "rqkmeans_plus"), default="rqvae",
       help="semantic-ID method of preprocessing (another than the default names the run <dataset>_<method>; "
            "default: %(default)s)")
@@ -317,7 +323,7 @@ def pipeline(a: argparse.Namespace) -> dict:
     r.run("backbone", [py, "-m", "mimigenrec.models.backbones", "tiny", "--out", str(models / "tiny"),
                        "--data_dir", str(data), "--hidden_size", str(a.tiny_hidden),
                        "--num_layers", str(a.tiny_layers), "--embed_std", "0.02", "--sid_init", a.sid_init,
-                       "--add_sid_tokens"], after=("preprocess",), fresh=ROOT / models / "tiny")
+                       "--arch", a.tiny_arch, "--dropout", f"{a.tiny_dropout:g}", "--add_sid_tokens"], after=("preprocess",), fresh=ROOT / models / "tiny")
 
     sft_common = [f"dataset={spec['name']}_sft_train", f"eval_dataset={spec['name']}_sft_valid",
                   f"dataset_dir={data}", "report_to=none"]
@@ -403,6 +409,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         f"cpu (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores visible)",
         "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_lr", "sft_seeds", "select_rows", "grpo_steps",
                                                  "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_reward", "tiny_hidden", "tiny_layers",
+                                                 "tiny_arch", "tiny_dropout",
                                                  "sid_method", "sid_cf_weight", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
         | ({"smollm2_sft_steps": a.smollm2_sft_steps, "smollm2_eval_rows": a.smollm2_eval_rows} if a.smollm2 else {}),
         "data_stats": {k: stats[k] for k in ("users", "items", "interactions", "rows") if k in stats},
@@ -458,7 +465,9 @@ def fmt_num(x, digits: int = 3) -> str:
 
 def training_lines(res: dict) -> list[str]:
     s, sft, grpo = res["settings"], res["training"]["tiny_sft"], res["training"].get("tiny_grpo")
-    out = [f"Tiny model: random Qwen2, {s['tiny_layers']} layers x {s['tiny_hidden']} wide, SID embeddings "
+    arch = {"qwen2": "Qwen2", "gpt_neox": "GPT-NeoX"}[s.get("tiny_arch", "qwen2")]
+    drop = f", dropout {s['tiny_dropout']:g}" if s.get("tiny_dropout") else ""
+    out = [f"Tiny model: random {arch}, {s['tiny_layers']} layers x {s['tiny_hidden']} wide{drop}, SID embeddings "
            f"{s['sid_init']}. SFT {sft.get('global_step')} steps = {fmt_num(sft.get('epochs'), 2)} epochs "
            f"(mean train loss {fmt_num(sft.get('train_loss'))}); kept "
            f"{sft.get('selected')} (epoch {sft.get('selected_epoch')}) by valid NDCG@10 on {s['select_rows'] or 'all'} "

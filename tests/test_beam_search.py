@@ -335,3 +335,34 @@ def test_sasrec_gain_orders_each_group_by_the_reward_models_scores(monkeypatch):
     got = mod.sasrec_gain(ps, comps, data_dir=".", beam_rank=[0, 1, 2] * 2, extra_info=info)
     # group 1: SASRec ranks items 0, 1, 2 first: beams (0, 2, 1) -> teacher ranks (0, 2, 1)
     assert got == pytest.approx([0.0, g(2) - g(1), g(1) - g(2), 0.0, 0.0, 0.0])
+
+
+def test_gpt_neox_backbone_drops_out_in_training_only_and_beam_search_matches_stock(tmp_path):
+    """--arch gpt_neox --dropout p: the embeddings and residual branches drop out while training, the
+    model is deterministic in eval mode, and the prefill-once search ranks as stock generate does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mimigenrec.models.backbones import build_tiny_model
+
+    tokens = [f"<{lvl}_{i}>" for lvl in "abc" for i in range(8)]
+    out = build_tiny_model(tmp_path / "neox", new_tokens=tokens, seed=1, arch="gpt_neox", dropout=0.3)
+    tok, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "GPTNeoXForCausalLM"
+    assert model.config.hidden_dropout == model.config.attention_dropout == 0.3
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # tied, as the Qwen2's
+    enc = batch(tok, 3, seed=3)
+    model.train()
+    a, b = (model(**enc).logits for _ in range(2))
+    assert not torch.allclose(a, b)
+    model = sharpen(model.eval(), seed=3)
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, model(**enc).logits)
+    rng = random.Random(2)
+    codes = rng.sample([(x, y, z) for x in range(8) for y in range(8) for z in range(8)], 40)
+    trie = ItemTrie.from_id2sid({i: [f"<a_{x}>", f"<b_{y}>", f"<c_{z}>"] for i, (x, y, z) in enumerate(codes)}, tok)
+    for mode in ("tree", "expand"):
+        new = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 8, cache_mode=mode)
+        ref = constrained_beam_search(model, enc.input_ids, enc.attention_mask, trie, 8, use_generate=True)
+        assert_same(new, ref, trie)
+    with pytest.raises(ValueError, match="arch"):
+        build_tiny_model(tmp_path / "x", arch="llama")

@@ -424,3 +424,17 @@ def test_three_step_run_changes_weights_and_resumes(world):
     assert state["global_step"] == 5
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3, 4, 5]
     assert not torch.equal(_weights(out / "checkpoint-5")[changed[0]], after[changed[0]])
+
+
+def test_policy_dropout_is_off_by_default(world, tmp_path):
+    """Rollouts are drawn in eval mode; a policy trained with dropout would be scored under another one."""
+    from mimigenrec.models.backbones import build_tiny_model
+
+    items = world.data.load_items()
+    neox = build_tiny_model(tmp_path / "neox", new_tokens=read_json(world.data.new_tokens),
+                            corpus=[it["title"] for it in items.values()], arch="gpt_neox", dropout=0.3)
+    def drops(tr):  # nn.Dropout modules and the attention layers' float rates
+        return [m.p for m in tr.model.modules() if isinstance(m, torch.nn.Dropout)] + \
+            [m.attention_dropout for m in tr.model.modules() if isinstance(getattr(m, "attention_dropout", None), float)]
+    assert set(drops(make_trainer(world, tmp_path, model_name_or_path=str(neox)))) == {0.0}
+    assert 0.3 in drops(make_trainer(world, tmp_path, model_name_or_path=str(neox), disable_dropout=False))

@@ -1,4 +1,4 @@
-"""Backbones built offline: a tiny random Qwen2 model with a locally trained tokenizer.
+"""Backbones built offline: a tiny random Qwen2 (or GPT-NeoX) model with a locally trained tokenizer.
 
 ``python -m mimigenrec.models.backbones tiny --out DIR [--data_dir O]`` builds one in seconds; it is
 the model of the tests and of the README's main job. GGUF import lives in
@@ -161,8 +161,14 @@ def build_tiny_model(
     embed_std: float = 0.5,
     phrase_tokens: bool = True,
     sid_vectors: Mapping[str, Sequence[float]] | None = None,
+    arch: str = "qwen2",
+    dropout: float = 0.0,
 ) -> Path:
-    """Write a random Qwen2 causal LM + tokenizer (ChatML template, EOS ``<|im_end|>``) to ``out_dir``.
+    """Write a random causal LM + tokenizer (ChatML template, EOS ``<|im_end|>``) to ``out_dir``.
+
+    ``arch``: ``qwen2`` (RMSNorm, SwiGLU; its only dropout is on attention weights) or ``gpt_neox``
+    (LayerNorm, GELU, sequential residual, rotary on every dim), whose ``dropout`` also drops the
+    embeddings and each attention / MLP output before the residual add, as SASRec does.
 
     ``embed_std``: std of the (tied) embeddings; 0.02 would give near-uniform next-token
     distributions, where every beam ranking is a near-tie. ``phrase_tokens``: one token per
@@ -170,21 +176,32 @@ def build_tiny_model(
     SID tokens (:func:`semantic_sid_vectors`), applied after ``new_tokens`` are added.
     """
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        GenerationConfig,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout {dropout}: must be in [0, 1)")
     out = Path(out_dir)
     tok = train_tokenizer(_corpus(corpus), vocab_size)
     if phrase_tokens:
         add_phrase_tokens(tok)
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4096, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        torch_dtype="float32",
-    )
-    model = Qwen2ForCausalLM(cfg)
+    common = {"vocab_size": len(tok), "hidden_size": hidden_size, "num_hidden_layers": num_layers,
+              "num_attention_heads": 4, "max_position_embeddings": 4096, "tie_word_embeddings": True,
+              "bos_token_id": None, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+              "torch_dtype": "float32", "attention_dropout": dropout}
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(intermediate_size=hidden_size * 2, num_key_value_heads=2, **common))
+    else:  # the MLP's 2 matrices of width 3d hold about the parameters of Qwen2's 3 of width 2d
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(intermediate_size=hidden_size * 3, hidden_dropout=dropout,
+                                                 rotary_pct=1.0, use_parallel_residual=False, **common))
     with torch.no_grad():  # tied embeddings drawn wide so a random model's next-token distribution is not flat
         model.get_input_embeddings().weight.normal_(0.0, embed_std)
     if new_tokens:
@@ -198,6 +215,9 @@ def build_tiny_model(
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+ARCHS = ("qwen2", "gpt_neox")
 
 
 def _titles(data_dir: str | Path | None, limit: int = 20000) -> list[str]:
@@ -226,12 +246,19 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--hidden_size", type=int, default=64, help="model width")
     t.add_argument("--num_layers", type=int, default=2, help="transformer layers")
     t.add_argument("--seed", type=int, default=0, help="weight-init seed")
+    t.add_argument("--arch", choices=ARCHS, default="qwen2",
+                   help="qwen2 (its only dropout is on attention weights) or gpt_neox (LayerNorm, GELU; --dropout also "
+                        "drops the embeddings and each block's attention / MLP output)")
+    t.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout rate while training: attention weights (qwen2), + embeddings and residual branches (gpt_neox)")
     t.add_argument("--no_phrase_tokens", dest="phrase_tokens", action="store_false",
                    help="spell the fixed prompt phrases (system prompt, instructions, headers) with BPE pieces "
                         "instead of one token each (4x longer sid_seq rows)")
     t.add_argument("--embed_std", type=float, default=0.5,
                    help="std of the tied embeddings (0.5: peaked random model for tests; 0.02: standard init, better for SFT)")
     a = p.parse_args(argv)
+    if not 0.0 <= a.dropout < 1.0:
+        p.error(f"--dropout {a.dropout}: must be in [0, 1)")
     toks = vectors = None
     if (a.add_sid_tokens or a.sid_init == "semantic") and not a.data_dir:
         p.error("--add_sid_tokens / --sid_init semantic need --data_dir")
@@ -245,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
 
             vectors = semantic_sid_vectors(d.load_id2sid(), np.load(d.emb))
     out = build_tiny_model(a.out, toks, _titles(a.data_dir), a.vocab_size, a.hidden_size, a.num_layers, a.seed,
-                           a.embed_std, a.phrase_tokens, vectors)
+                           a.embed_std, a.phrase_tokens, vectors, a.arch, a.dropout)
     print(json.dumps({"model": str(out)}))
 
 

@@ -30,6 +30,10 @@ class RLConfig(GRPOConfig):
     data_dir: Optional[str] = field(
         default=None, metadata={"help": "Preprocessed dataset dir O: reads O/rl/<split>.json, O/id2sid.json, "
                                         "O/items.jsonl (docs/formats.md)."})
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Switch the policy's dropout off (TRL's default: false). Rollouts are drawn in "
+                                        "eval mode, so with dropout on, the loss would score them under another "
+                                        "policy than the one that drew them."})
     train_split: str = field(default="train", metadata={"help": "RL split trained on (O/rl/<split>.json)."})
     eval_split: str = field(default="valid", metadata={"help": "RL split of the held-out NDCG@10 watch."})
     max_train_rows: Optional[int] = field(

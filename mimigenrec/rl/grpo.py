@@ -206,6 +206,16 @@ def _cut_after_eos(seqs: torch.LongTensor, eos: int) -> list[list[int]]:
     return out
 
 
+def _no_attention_dropout(model: torch.nn.Module) -> None:
+    """Zero the attention-weight dropout that TRL's ``disable_dropout`` misses: HF attention layers keep
+    it as a float rate (``attention_dropout``), not as an ``nn.Dropout`` module."""
+    for m in model.modules():
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    if hasattr(model, "config") and getattr(model.config, "attention_dropout", None):
+        model.config.attention_dropout = 0.0
+
+
 class ConstrainedGRPOTrainer(GRPOTrainer):
     """GRPO whose rollouts are valid items and whose loss uses the constrained policy's log-probs.
 
@@ -238,6 +248,8 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
         self._beam_logps: list[float] | None = None
         self._tries: dict[torch.device, ItemTrie] = {}
         super().__init__(*args, **kwargs)
+        if self.args.disable_dropout:
+            _no_attention_dropout(self.model)
 
     # ------------------------------------------------------------------ setup
     @staticmethod
