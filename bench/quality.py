@@ -125,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="weight of SASRec's item embeddings beside the text embeddings that the SIDs quantize (preprocess "
            "--sid_cf_weight; 0 = text only; another value than the default names the run <dataset>_cf<W>; "
            "default: %(default)s)")
+    a("--history_items", action="store_true",
+      help="show each history item's own token after its SID (task sid_item_seq: preprocess adds one <item_N> "
+           "token per item; names the run <dataset>_items; default: off)")
     a("--sid_init", choices=("random", "semantic"), default="random",
       help="SID token embeddings of the tiny model (default: %(default)s)")
     a("--eval_rows", type=int, default=0,
@@ -143,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sft_seeds < 1:
         p.error("--sft_seeds: at least 1")
-    if args.grpo_reward.startswith("teacher") and args.sft_seeds < 2:
+    if args.grpo_steps > 0 and args.grpo_reward.startswith("teacher") and args.sft_seeds < 2:
         p.error(f"--grpo_reward {args.grpo_reward}: the teachers are the SFT seeds' kept checkpoints; use --sft_seeds 2 or more")
     if bool(args.raw_dir) != bool(args.category):
         p.error("--raw_dir and --category go together")
@@ -157,6 +160,9 @@ def dataset_spec(a: argparse.Namespace) -> dict:
     suffix = "" if a.sid_method == "rqvae" else f"_{a.sid_method}"
     if a.sid_cf_weight != SID_CF_WEIGHT:
         suffix += f"_cf{a.sid_cf_weight:g}"
+    label_suffix = suffix
+    if a.history_items:
+        suffix += "_items"
     if a.dataset:
         spec = dict(DATASETS[a.dataset])
         spec["name"] = a.name or spec["name"] + suffix
@@ -166,7 +172,9 @@ def dataset_spec(a: argparse.Namespace) -> dict:
             sys.exit(f"[quality] --raw_dir {raw}: not a folder")
         spec = {"name": a.name or a.category + suffix, "source": "amazon18", "raw_dir": str(raw.resolve()),
                 "extra": ["--category", a.category], "label": f"Amazon-2018 {a.category} ({raw}, --kcore 0)"}
-    if suffix:
+    if a.history_items:
+        spec["label"] += ", history items shown as SID + item token"
+    if label_suffix:
         spec["label"] += f", SIDs by {a.sid_method}" + (f" of [text, {a.sid_cf_weight:g} x SASRec] embeddings"
                                                         if a.sid_cf_weight else " of text embeddings")
     return spec
@@ -315,9 +323,11 @@ def pipeline(a: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
 
     raw = fetch_raw_dir(spec)
+    task = "sid_item_seq" if a.history_items else "sid_seq"
     r.run("preprocess", [py, "-m", "preprocess", "all", "--source", spec["source"], "--raw_dir", raw,
                          *spec["extra"], "--out_dir", str(data), "--kcore", "0", "--split", "loo",
-                         "--name", spec["name"], "--tasks", "sid_seq", "--sid_method", a.sid_method,
+                         "--name", spec["name"], *(x for flag in ("--tasks", "--eval_tasks", "--rl_tasks")
+                                                   for x in (flag, task)), "--sid_method", a.sid_method,
                          *(["--sid_cf_weight", f"{a.sid_cf_weight:g}"] if a.sid_cf_weight else []),
                          "--seed", str(a.seed)])
     r.run("backbone", [py, "-m", "mimigenrec.models.backbones", "tiny", "--out", str(models / "tiny"),
@@ -343,7 +353,7 @@ def pipeline(a: argparse.Namespace) -> dict:
     r.run_many(sft_jobs)
     r.run("select_sft", [py, "-m", "mimigenrec.eval.select_checkpoint", "--data_dir", str(data),
                          *[x for out in sft_runs.values() for x in ("--run_dir", str(out))],
-                         "--max_rows", str(a.select_rows), "--seed", str(a.seed)],
+                         "--max_rows", str(a.select_rows), "--seed", str(a.seed), "--task", task],
           after=("preprocess", *sft_runs))
     grpo_env = {"ACCELERATE_CONFIG": "examples/accelerate/single_gpu.yaml"} if cuda else {}
     llms = {"tiny_sft": models / "tiny_sft"}
@@ -387,7 +397,7 @@ def pipeline(a: argparse.Namespace) -> dict:
     def evaluate(stage: str, names: list[str], rows: int) -> tuple[dict, Path]:
         out = work / f"eval_{stage}"
         models_args = [x for n in names for x in ("--model", f"{n}={llms[n]}")]
-        cmd = ["bash", "evaluate.sh", "--data_dir", str(data), "--split", "test", *models_args, *baselines,
+        cmd = ["bash", "evaluate.sh", "--data_dir", str(data), "--split", "test", "--task", task, *models_args, *baselines,
                "--max_rows", str(rows), "--seed", str(a.seed), "--output_dir", str(out), "--overwrite",
                "--quiet"]
         r.run(f"eval_{stage}", cmd, after=("preprocess", *(trained[n] for n in names if n in trained)))
@@ -410,7 +420,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_lr", "sft_seeds", "select_rows", "grpo_steps",
                                                  "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_reward", "tiny_hidden", "tiny_layers",
                                                  "tiny_arch", "tiny_dropout",
-                                                 "sid_method", "sid_cf_weight", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
+                                                 "sid_method", "sid_cf_weight", "history_items", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
         | ({"smollm2_sft_steps": a.smollm2_sft_steps, "smollm2_eval_rows": a.smollm2_eval_rows} if a.smollm2 else {}),
         "data_stats": {k: stats[k] for k in ("users", "items", "interactions", "rows") if k in stats},
         "training": {"tiny_sft": sft_result(ROOT / models / "tiny_sft"),

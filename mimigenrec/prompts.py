@@ -16,6 +16,9 @@ SYSTEM = (
 
 # Items are referred to in candidate lists as "[ITEM_<id>]".
 ITEM_REF = "[ITEM_{}]"
+# One vocabulary token per item, shown after each history item's SID in the ``sid_item`` history view
+# (the sid stage's ``--item_tokens`` adds them to new_tokens.json).
+ITEM_TOKEN = "<item_{}>"
 ITEM_REF_RE = re.compile(r"\[ITEM_(\d+)\]")
 THINK_RE = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.S)
 SID_TOKEN_RE = re.compile(r"<[a-z]_\d+>")
@@ -25,6 +28,11 @@ TASKS: dict[str, dict[str, str]] = {
     "sid_seq": {
         "instruction": "Predict the next item the user will interact with. Answer with its semantic ID.",
         "history": "sid",
+        "answer": "sid",
+    },
+    "sid_item_seq": {
+        "instruction": "Predict the next item the user will interact with. Answer with its semantic ID.",
+        "history": "sid_item",
         "answer": "sid",
     },
     "title_seq2sid": {
@@ -62,7 +70,7 @@ CANDIDATES_HEADER = "Candidates:"
 REFERENCE_HEADER = "Reference reasoning:"
 ITEM_TITLE_HEADER = "Item title:"
 SID_HEADER = "Semantic ID:"
-SEQ_TASKS = ("sid_seq", "title_seq2sid", "sid_seq2title")
+SEQ_TASKS = ("sid_seq", "sid_item_seq", "title_seq2sid", "sid_seq2title")
 ITEM_TASKS = ("title2sid", "sid2title")
 
 
@@ -92,6 +100,22 @@ def item_ref(item_id: int | str) -> str:
     return ITEM_REF.format(int(item_id))
 
 
+def item_token(item_id: int | str) -> str:
+    """``17`` -> ``"<item_17>"``: the item's own token in the ``sid_item`` history view."""
+    return ITEM_TOKEN.format(int(item_id))
+
+
+def uses_sids(task: str) -> bool:
+    """Whether ``task``'s history or answer is written in semantic IDs."""
+    spec = TASKS[task]
+    return spec["history"].startswith("sid") or spec["answer"] == "sid"
+
+
+def uses_item_tokens(task: str) -> bool:
+    """Whether ``task``'s history shows each item's own token (:data:`ITEM_TOKEN`) after its SID."""
+    return TASKS[task]["history"] == "sid_item"
+
+
 def _item_text(item: Mapping[str, Any], caption: str | None = None) -> str:
     title = item.get("title") or f"item {item['item_id']}"
     return f"{title} (looks like: {caption})" if caption else title
@@ -104,10 +128,14 @@ def render_history(
     id2sid: Mapping[int, Sequence[str]] | None = None,
     captions: Mapping[int, str] | None = None,
 ) -> str:
-    """Comma-separated history in the chosen view ("sid" or "title"), oldest first."""
-    if kind == "sid":
+    """Comma-separated history in the chosen view, oldest first: "sid" (each item's SID), "sid_item"
+    (its SID followed by its own token, ``<a_3><b_7><c_1><item_17>``: the SID shares what similar items
+    share, the item token is free to learn what is particular to the item, as an ID-based recommender's
+    embedding does) or "title"."""
+    if kind in ("sid", "sid_item"):
         assert id2sid is not None, "sid history needs id2sid"
-        return ", ".join(sid_string(id2sid[i]) for i in history)
+        own = (lambda i: item_token(i)) if kind == "sid_item" else (lambda i: "")
+        return ", ".join(sid_string(id2sid[i]) + own(i) for i in history)
     caps = captions or {}
     return "; ".join(f'"{_item_text(items[i], caps.get(i))}"' for i in history)
 

@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge", default="likelihood", choices=["likelihood", "llm", "both"], help="cot: CoT filter")
     g.add_argument("--judge_model", help="cot: causal LM of the likelihood judge (default: --llm with hf)")
     g.add_argument("--tasks", help="build: SFT training tasks (default: build's default)")
+    g.add_argument("--eval_tasks", help="build: tasks of the SFT valid/test files (default: build's default)")
+    g.add_argument("--rl_tasks", help="build: tasks of the RL files (default: build's default)")
     g.add_argument("--cot_prob", type=float, default=0.0, help="build: fraction of eligible rows carrying CoT")
     g.add_argument("--name", help="build: dataset name (default: basename of --out_dir)")
     g.add_argument("--dataset_dir", default=None,
@@ -65,6 +67,14 @@ def stage_namespace(stage: str, argv: list[str], **values: Any) -> argparse.Name
     return ns
 
 
+def _needs_item_tokens(args: argparse.Namespace) -> bool:
+    """Whether a task of the build asks for the item tokens (then the sid stage adds them)."""
+    from mimigenrec.prompts import TASKS, uses_item_tokens
+
+    names = ",".join(x for x in (args.tasks, args.eval_tasks, args.rl_tasks) if x).split(",")
+    return any(t.strip() in TASKS and uses_item_tokens(t.strip()) for t in names)
+
+
 def plan(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
     """``[(stage, its arguments)]`` in the order they run."""
     o = ["--out_dir", args.out_dir]
@@ -75,7 +85,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
              ("embed", stage_namespace("embed", o, encoder=args.encoder)),
              ("sid", stage_namespace("sid", o, method=args.sid_method, levels=args.levels,
                                      codebook_size=args.codebook_size, seed=args.seed,
-                                     cf_weight=args.sid_cf_weight))]
+                                     cf_weight=args.sid_cf_weight, item_tokens=_needs_item_tokens(args) or None))]
     llm = {"model": args.llm, "base_url": args.base_url, "api_model": args.api_model}
     if args.caption_backend:
         steps.append(("caption", stage_namespace("caption", [*o, "--backend", args.caption_backend], **llm)))
@@ -84,6 +94,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
                                              judge_model=args.judge_model, **llm)))
     steps.append(("build", stage_namespace(
         "build", o, dataset_dir=args.dataset_dir, seed=args.seed, cot_prob=args.cot_prob, tasks=args.tasks,
+        eval_tasks=args.eval_tasks, rl_tasks=args.rl_tasks,
         name=args.name, sft_model=args.sft_model, reregister=args.reregister or None)))
     return steps
 

@@ -9,7 +9,8 @@ own). With --dataset_dir DIR the entries also go into DIR/dataset_info.json; a n
 registered there for another folder is refused unless --reregister. Captions and CoT rows made
 for other items (after a source stage re-ran) are left out.
 
-Tasks (prompt text from mimigenrec.prompts): sid_seq (SID history -> next SID),
+Tasks (prompt text from mimigenrec.prompts): sid_seq (SID history -> next SID), sid_item_seq (the
+same, each history item's SID followed by its own <item_N> token: needs ``sid --item_tokens``),
 title_seq2sid (title history -> next SID), sid_seq2title (SID history -> next title),
 title2sid / sid2title (item-level, training only), cand_rank (history + candidate list
 "[ITEM_id] Title" -> chosen item), query (title history -> a search query; the SFT answer is the
@@ -89,11 +90,18 @@ class _Builder:
         self.d = DataDir(args.out_dir)
         # title-only tasks (cand_rank, query) need no semantic IDs: the embed / sid stages may be skipped
         used = {t for t in _csv(args.tasks) + _csv(args.eval_tasks) + _csv(args.rl_tasks) if t in prompts.TASKS}
-        self.needs_sids = any("sid" in (prompts.TASKS[t]["history"], prompts.TASKS[t]["answer"]) for t in used)
+        self.needs_sids = any(prompts.uses_sids(t) for t in used)
         for path in (self.d.items, *([self.d.id2sid] if self.needs_sids else []), self.d.inter("train")):
             if not path.exists():
                 raise BadInputError(f"{path} is missing: run the earlier stages first (python -m preprocess all ...)")
         self.items = self.d.load_items()
+        if any(prompts.uses_item_tokens(t) for t in used):
+            have = set(read_json(self.d.new_tokens)) if self.d.new_tokens.is_file() else set()
+            lacking = [i for i in self.items if prompts.item_token(i) not in have]
+            if lacking:
+                raise BadInputError(f"{self.d.new_tokens}: no {prompts.item_token(lacking[0])} (and {len(lacking) - 1} "
+                                    "more items): the sid_item_seq history needs the item tokens; run "
+                                    "`python -m preprocess sid --item_tokens` (preprocess all adds them by itself)")
         self.id2sid = self.d.load_id2sid() if self.needs_sids or self.d.id2sid.exists() else {}
         missing = [i for i in self.items if i not in self.id2sid] if self.needs_sids else []
         if missing:

@@ -37,7 +37,8 @@ Tokens. Level ``l`` uses the ``l``-th letter of ``--token_prefixes``: ``<a_12><b
 ``new_tokens.json`` lists every token of each level's codebook (``K_eff`` per quantized level,
 and ``<d_0>..<d_m>`` up to the largest index used when the extra level exists), ordered by level
 then code number, so the vocabulary depends only on the settings, not on which codes happen
-to be used; the trie still restricts generation to real items.
+to be used; the trie still restricts generation to real items. With ``--item_tokens`` it also lists
+one ``<item_N>`` per item, after the SID tokens (the ``sid_item_seq`` task's history view).
 
 Diagnostics (``sid_stats.json`` and a printed table): per level, codes used / utilisation,
 perplexity ``exp(H)`` and entropy ``H`` (nats; ``entropy_ratio = H / ln K``) of the code
@@ -74,6 +75,7 @@ from mimigenrec.io import (
     read_jsonl,
     write_json,
 )
+from mimigenrec.prompts import item_token
 
 METHODS = ("rqkmeans", "rqkmeans_balanced", "rqvae", "rqkmeans_plus")
 KMEANS_METHODS = METHODS[:2]
@@ -541,6 +543,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated letters, one per level, plus one spare for the extra dedup level")
     p.add_argument("--new_tokens", choices=NEW_TOKENS, default="all",
                    help="all = every codebook token of each level; used = only tokens some item uses")
+    p.add_argument("--item_tokens", action="store_true",
+                   help="also add one token per item, <item_N>, to new_tokens.json: the sid_item_seq task shows it "
+                        "after each history item's SID (default: off)")
     p.add_argument("--overwrite", action="store_true", help="recompute even if the outputs are up to date")
 
 
@@ -575,6 +580,8 @@ def _settings(args: argparse.Namespace, emb: np.ndarray) -> dict[str, Any]:
     s["token_prefixes"] = parse_prefixes(args.token_prefixes)
     if args.cf_weight > 0:  # text-only settings keep their old fingerprint
         s["cf_weight"] = args.cf_weight
+    if args.item_tokens:  # likewise
+        s["item_tokens"] = True
     s["emb_sha256"] = hashlib.sha256(np.ascontiguousarray(emb).tobytes()).hexdigest()
     return s
 
@@ -631,7 +638,7 @@ def run(args: argparse.Namespace) -> int:
     stats = dict(res.stats, settings=settings, usage_plot=d.sid_usage.name)
     plot_usage(res.codes, res.stats["codebook_sizes"], d.sid_usage,
                f"{args.method}: {len(ids)} items, {res.stats['levels']} levels")
-    write_json(d.new_tokens, res.new_tokens)
+    write_json(d.new_tokens, res.new_tokens + ([item_token(i) for i in ids] if args.item_tokens else []))
     write_json(d.sid_stats, stats)
     write_json(d.id2sid, id2sid)  # last: its mtime marks the stage as done
     s = res.stats

@@ -602,6 +602,11 @@ def test_all_forwards_the_source_options(tmp_path):
     sid.add_arguments(q)
     own = q.parse_args(["--out_dir", "O"])
     assert (steps["sid"].method, steps["sid"].seed) == (own.method, own.seed)  # one set of defaults
+    assert steps["sid"].item_tokens is False
+    items = dict(plan(p.parse_args(["--source", "amazon18", "--out_dir", "O", "--tasks", "sid_item_seq",
+                                    "--eval_tasks", "sid_item_seq"])))
+    assert items["sid"].item_tokens is True and items["build"].eval_tasks == "sid_item_seq"
+    assert items["build"].rl_tasks == "sid_seq"  # unset: build's own default
 
 
 def test_registration_by_name_or_on_request(tmp_path):

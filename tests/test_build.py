@@ -208,3 +208,28 @@ def test_cand_rank_cot_rows_parse_with_the_shared_parser(tiny_dataset, tmp_path,
         assert choice is not None and prompts.item_ref(choice) == prompts.split_reasoning(row["output"])[1]
         if key in by_prompt:
             assert choice == by_prompt[key]["extra_info"]["target"]
+
+
+def test_sid_item_history_needs_and_shows_the_item_tokens(tiny_dataset, tmp_path, capsys):
+    import numpy as np
+
+    d = tiny_dataset
+    assert main(["build", "--out_dir", str(d.root), "--tasks", "sid_item_seq"]) == 2
+    assert "sid --item_tokens" in capsys.readouterr().err  # the tokens are not in new_tokens.json yet
+    np.save(d.emb, np.random.default_rng(0).normal(size=(30, 8)).astype("float32"))
+    sid = ["sid", "--out_dir", str(d.root), "--levels", "2", "--codebook_size", "4", "--method", "rqkmeans"]
+    assert main(sid) == 0
+    plain = read_json(d.new_tokens)
+    assert main(sid + ["--item_tokens"]) == 0  # another setting: recomputed, not "up to date"
+    assert read_json(d.new_tokens) == plain + [f"<item_{i}>" for i in range(30)]
+    assert read_json(d.sid_stats)["settings"]["item_tokens"] is True
+    _build(d, tmp_path, "--tasks", "sid_item_seq", "--eval_tasks", "sid_item_seq", "--rl_tasks", "sid_item_seq")
+    id2sid = d.load_id2sid()
+    inter = [json.loads(x) for x in open(d.inter("test"))][0]
+    row = read_json(d.sft("test"))[0]
+    assert row["input"] == prompts.HISTORY_HEADER + " " + ", ".join(
+        "".join(id2sid[i]) + f"<item_{i}>" for i in inter["history"])
+    assert prompts.split_sid(row["output"]) == id2sid[inter["target"]]  # the answer stays the SID alone
+    assert prompts.split_sid(row["input"]) == [t for i in inter["history"] for t in id2sid[i]]
+    rl = read_json(d.rl("test"))[0]
+    assert rl["prompt"][1]["content"] == row["instruction"] + "\n" + row["input"]

@@ -332,3 +332,23 @@ def test_an_ensemble_of_one_checkpoint_twice_ranks_as_it(data, tiny_model, tmp_p
     assert evaluate.main([*map(str, common), "--model", f"ens={tiny_model}+{tiny_model}", "--think",
                           "--output_dir", str(tmp_path / "think"), "--quiet"]) == 2
     assert "ranks by beam search only" in capsys.readouterr().err
+
+
+def test_sid_item_task_needs_a_model_with_the_item_tokens(data, tiny_model, tmp_path, capsys):
+    from mimigenrec import prompts
+    from mimigenrec.models.backbones import build_tiny_model
+
+    root, _ = data
+    args = ["--data_dir", root, "--no_baselines", "--num_beams", "10", "--ks", "10", "--max_rows", "4",
+            "--device", "cpu", "--quiet"]
+    # the model without the item tokens is refused the prompts that show them, and the other way round
+    assert evaluate.main([*map(str, args), "--model", f"tiny={tiny_model}", "--task", "sid_item_seq",
+                          "--output_dir", str(tmp_path / "a")]) == 2
+    assert "--task sid_seq" in capsys.readouterr().err
+    toks = json.loads((root / "new_tokens.json").read_text()) + [prompts.item_token(i) for i in range(N_ITEMS)]
+    with_items = build_tiny_model(tmp_path / "items", new_tokens=toks, vocab_size=400)
+    assert evaluate.main([*map(str, args), "--model", f"tiny={with_items}", "--output_dir", str(tmp_path / "b")]) == 2
+    assert "--task sid_item_seq" in capsys.readouterr().err
+    m = run_eval(*args[:-1], "--model", f"tiny={with_items}", "--task", "sid_item_seq", "--output_dir", tmp_path / "c")
+    assert m["tiny"]["n_rows"] == 4
+    assert all(len(p["ranked"]) == 10 for p in read_preds(tmp_path / "c", "tiny"))

@@ -80,7 +80,7 @@ from mimigenrec.io import (
 from mimigenrec.eval.metrics import DEFAULT_KS, aggregate, dedupe, markdown_table, rank_by_score
 from mimigenrec.sequences import UserSequences, load_sequences, splits_before
 
-TASKS = ("sid_seq", "title_seq2sid", "cand_rank", "query")
+TASKS = ("sid_seq", "sid_item_seq", "title_seq2sid", "cand_rank", "query")
 QUERY_BASELINES = ("query_last", "query_history")
 BASELINE_NAMES = ("popularity", "sasrec", "sasrec_bce", *QUERY_BASELINES)
 DEFAULT_NUM_NEGATIVES = 99
@@ -348,6 +348,13 @@ class ModelRanker(Ranker):
             from mimigenrec.launch import check_sid_tokens
 
             check_sid_tokens(tok.get_vocab(), sorted({t for s in sids.values() for t in s}), paths[0], data.data_dir)
+            has_items = prompts.item_token(next(iter(sids))) in tok.get_vocab()
+            if has_items != prompts.uses_item_tokens(self.task):  # else its prompts are not the SFT prompts
+                raise bad(paths[0], f"its vocabulary {'holds' if has_items else 'has no'} the item tokens "
+                          f"({prompts.item_token(next(iter(sids)))}), but --task {self.task} "
+                          f"{'does not show' if has_items else 'shows'} them",
+                          f"evaluate it with --task {'sid_item_seq' if has_items else 'sid_seq'}, the task it was "
+                          "trained on")
             for p in paths:
                 warn_if_other_sids(name, p, DataDir(data.data_dir).id2sid)
             self.trie = ItemTrie.from_id2sid(sids, tok)

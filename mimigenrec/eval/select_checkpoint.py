@@ -51,7 +51,8 @@ def _model_files(ckpt: Path) -> list[Path]:
 
 
 def select(data_dir: str | Path, run_dir: str | Path | list[str | Path], split: str = "valid", max_rows: int = 1000,
-           metric: str = "ndcg@10", num_beams: int = 50, batch_size: int = 32, seed: int = 0) -> dict:
+           metric: str = "ndcg@10", num_beams: int = 50, batch_size: int = 32, seed: int = 0,
+           task: str = "sid_seq") -> dict:
     """Score every checkpoint of ``run_dir`` (one or several runs), copy the best over the first run
     dir; returns the selection record."""
     from mimigenrec.eval import evaluate
@@ -70,7 +71,7 @@ def select(data_dir: str | Path, run_dir: str | Path | list[str | Path], split: 
     for run, ckpt in pool:
         out = run / "selection" / ckpt.name
         rc = evaluate.main(["--data_dir", str(data_dir), "--split", split, "--model", f"{ckpt.name}={ckpt}",
-                            "--no_baselines", "--ks", metric.split("@")[1], "--max_rows", str(max_rows), "--seed", str(seed), "--num_beams",
+                            "--no_baselines", "--task", task, "--ks", metric.split("@")[1], "--max_rows", str(max_rows), "--seed", str(seed), "--num_beams",
                             str(num_beams), "--batch_size", str(batch_size), "--output_dir", str(out), "--quiet"])
         if rc:
             raise BadInputError(f"{ckpt}: evaluation failed (exit {rc}); see the message above")
@@ -116,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_beams", type=int, default=50, help="beams of the ranking (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=32, help="prompts per forward batch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row subset (default: %(default)s)")
+    p.add_argument("--task", default="sid_seq", choices=("sid_seq", "sid_item_seq", "title_seq2sid"),
+                   help="the prompt the model was trained on (evaluate.sh --task; default: %(default)s)")
     a = p.parse_args(argv)
     return cli_errors(lambda: select(a.data_dir, a.run_dir, a.split, a.max_rows, a.metric, a.num_beams,
-                                     a.batch_size, a.seed) and 0)
+                                     a.batch_size, a.seed, a.task) and 0)
 
 
 if __name__ == "__main__":
