@@ -134,8 +134,8 @@ def render_history(
     embedding does) or "title"."""
     if kind in ("sid", "sid_item"):
         assert id2sid is not None, "sid history needs id2sid"
-        own = (lambda i: item_token(i)) if kind == "sid_item" else (lambda i: "")
-        return ", ".join(sid_string(id2sid[i]) + own(i) for i in history)
+        own = kind == "sid_item"
+        return ", ".join(sid_string(id2sid[i]) + (item_token(i) if own else "") for i in history)
     caps = captions or {}
     return "; ".join(f'"{_item_text(items[i], caps.get(i))}"' for i in history)
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mimigenrec import prompts
-from mimigenrec.io import read_json, write_jsonl
+from mimigenrec.io import read_json, read_jsonl, write_jsonl
 from preprocess.__main__ import main
 from preprocess.cot import input_id
 
@@ -225,7 +225,7 @@ def test_sid_item_history_needs_and_shows_the_item_tokens(tiny_dataset, tmp_path
     assert read_json(d.sid_stats)["settings"]["item_tokens"] is True
     _build(d, tmp_path, "--tasks", "sid_item_seq", "--eval_tasks", "sid_item_seq", "--rl_tasks", "sid_item_seq")
     id2sid = d.load_id2sid()
-    inter = [json.loads(x) for x in open(d.inter("test"))][0]
+    inter = read_jsonl(d.inter("test"))[0]
     row = read_json(d.sft("test"))[0]
     assert row["input"] == prompts.HISTORY_HEADER + " " + ", ".join(
         "".join(id2sid[i]) + f"<item_{i}>" for i in inter["history"])
