@@ -157,12 +157,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def dataset_spec(a: argparse.Namespace) -> dict:
     """Source, raw dir, extra preprocess flags, output name and label of the chosen dataset."""
-    suffix = "" if a.sid_method == "rqvae" else f"_{a.sid_method}"
+    sid_suffix = "" if a.sid_method == "rqvae" else f"_{a.sid_method}"
     if a.sid_cf_weight != SID_CF_WEIGHT:
-        suffix += f"_cf{a.sid_cf_weight:g}"
-    label_suffix = suffix
-    if a.history_items:
-        suffix += "_items"
+        sid_suffix += f"_cf{a.sid_cf_weight:g}"
+    suffix = sid_suffix + ("_items" if a.history_items else "")
     if a.dataset:
         spec = dict(DATASETS[a.dataset])
         spec["name"] = a.name or spec["name"] + suffix
@@ -174,7 +172,7 @@ def dataset_spec(a: argparse.Namespace) -> dict:
                 "extra": ["--category", a.category], "label": f"Amazon-2018 {a.category} ({raw}, --kcore 0)"}
     if a.history_items:
         spec["label"] += ", history items shown as SID + item token"
-    if label_suffix:
+    if sid_suffix:
         spec["label"] += f", SIDs by {a.sid_method}" + (f" of [text, {a.sid_cf_weight:g} x SASRec] embeddings"
                                                         if a.sid_cf_weight else " of text embeddings")
     return spec

@@ -69,10 +69,10 @@ def stage_namespace(stage: str, argv: list[str], **values: Any) -> argparse.Name
 
 def _needs_item_tokens(args: argparse.Namespace) -> bool:
     """Whether a task of the build asks for the item tokens (then the sid stage adds them)."""
-    from mimigenrec.prompts import TASKS, uses_item_tokens
+    from mimigenrec.prompts import uses_item_tokens
+    from preprocess.build import used_tasks
 
-    names = ",".join(x for x in (args.tasks, args.eval_tasks, args.rl_tasks) if x).split(",")
-    return any(t.strip() in TASKS and uses_item_tokens(t.strip()) for t in names)
+    return any(uses_item_tokens(t) for t in used_tasks(args.tasks, args.eval_tasks, args.rl_tasks))
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:

@@ -50,6 +50,12 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def used_tasks(*task_lists: str | None) -> set[str]:
+    """The known prompt tasks named in comma-separated ``--tasks`` / ``--eval_tasks`` / ``--rl_tasks`` values
+    (``None`` = not given)."""
+    return {t for spec in task_lists if spec for t in _csv(spec) if t in prompts.TASKS}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_out_dir_argument(p, "preprocessed dataset directory (input and output)")
     p.add_argument("--name", help="dataset name for dataset_info.json (default: basename of --out_dir)")
@@ -89,7 +95,7 @@ class _Builder:
         self.a = args
         self.d = DataDir(args.out_dir)
         # title-only tasks (cand_rank, query) need no semantic IDs: the embed / sid stages may be skipped
-        used = {t for t in _csv(args.tasks) + _csv(args.eval_tasks) + _csv(args.rl_tasks) if t in prompts.TASKS}
+        used = used_tasks(args.tasks, args.eval_tasks, args.rl_tasks)
         self.needs_sids = any(prompts.uses_sids(t) for t in used)
         for path in (self.d.items, *([self.d.id2sid] if self.needs_sids else []), self.d.inter("train")):
             if not path.exists():

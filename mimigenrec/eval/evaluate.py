@@ -347,11 +347,13 @@ class ModelRanker(Ranker):
             sids = {i: data.id2sid[i] for i in data.universe}
             from mimigenrec.launch import check_sid_tokens
 
-            check_sid_tokens(tok.get_vocab(), sorted({t for s in sids.values() for t in s}), paths[0], data.data_dir)
-            has_items = prompts.item_token(next(iter(sids))) in tok.get_vocab()
+            vocab = tok.get_vocab()
+            check_sid_tokens(vocab, sorted({t for s in sids.values() for t in s}), paths[0], data.data_dir)
+            probe = prompts.item_token(next(iter(sids)))
+            has_items = probe in vocab
             if has_items != prompts.uses_item_tokens(self.task):  # else its prompts are not the SFT prompts
                 raise bad(paths[0], f"its vocabulary {'holds' if has_items else 'has no'} the item tokens "
-                          f"({prompts.item_token(next(iter(sids)))}), but --task {self.task} "
+                          f"({probe}), but --task {self.task} "
                           f"{'does not show' if has_items else 'shows'} them",
                           f"evaluate it with --task {'sid_item_seq' if has_items else 'sid_seq'}, the task it was "
                           "trained on")

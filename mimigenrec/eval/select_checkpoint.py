@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from mimigenrec.io import BadInputError, cli_errors, iter_records
+from mimigenrec.prompts import SEQ_TASKS, TASKS
 from mimigenrec.eval.metrics import mean_se, per_row
 
 __all__ = ["checkpoints", "main", "select"]
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_beams", type=int, default=50, help="beams of the ranking (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=32, help="prompts per forward batch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the row subset (default: %(default)s)")
-    p.add_argument("--task", default="sid_seq", choices=("sid_seq", "sid_item_seq", "title_seq2sid"),
+    p.add_argument("--task", default="sid_seq", choices=[t for t in SEQ_TASKS if TASKS[t]["answer"] == "sid"],
                    help="the prompt the model was trained on (evaluate.sh --task; default: %(default)s)")
     a = p.parse_args(argv)
     return cli_errors(lambda: select(a.data_dir, a.run_dir, a.split, a.max_rows, a.metric, a.num_beams,
