@@ -34,10 +34,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 
 from mimigenrec import prompts
-from mimigenrec.models.backbones import add_item_tokens, build_tiny_model
-from mimigenrec.decoding.beam_search import constrained_beam_search, stock_generate_kwargs
-from mimigenrec.models.gguf_import import cache_dir, import_gguf
+from mimigenrec.decoding.beam_search import (
+    constrained_beam_search,
+    stock_generate_kwargs,
+)
 from mimigenrec.decoding.trie import ItemTrie, TrieLogitsProcessor
+from mimigenrec.models.backbones import add_item_tokens, build_tiny_model
+from mimigenrec.models.gguf_import import cache_dir, import_gguf
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,7 @@ def write_synthetic(root: Path, n_items: int, n_users: int, hist: int, seed: int
     rng = random.Random(seed)
     (root / "inter").mkdir(parents=True)
     with open(root / "items.jsonl", "w") as f:
-        for i in range(n_items):
-            f.write(json.dumps({"item_id": i, "raw_id": f"I{i}", "title": f"item {i}"}) + "\n")
+        f.writelines(json.dumps({"item_id": i, "raw_id": f"I{i}", "title": f"item {i}"}) + "\n" for i in range(n_items))
     codes = rng.sample(range(256 ** 3), n_items)
     id2sid = {str(i): [f"<a_{c // 65536}>", f"<b_{(c // 256) % 256}>", f"<c_{c % 256}>"] for i, c in enumerate(codes)}
     (root / "id2sid.json").write_text(json.dumps(id2sid))
@@ -76,8 +75,8 @@ def main() -> None:
 
 def time_generate(argv: list[str], a: argparse.Namespace) -> float:
     """Stock generate beam search + TrieLogitsProcessor on the same rows and batches."""
-    from mimigenrec.eval import evaluate
     from mimigenrec.decoding.beam_search import constrained_beam_search
+    from mimigenrec.eval import evaluate
 
     args = evaluate.build_parser().parse_args(argv)
     args.methods = [f"model:{args.model[0].split('=', 1)[1]}"]

@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synth_amazon18 import write_synthetic  # noqa: E402
-from synth_amazon23 import write_synthetic23  # noqa: E402
+from synth_amazon18 import write_synthetic
+from synth_amazon23 import write_synthetic23
 
 FILES = {"amazon18": ("Synthetic_5.json", "meta_Synthetic.json"), "amazon23": ("Synthetic.jsonl", "meta_Synthetic.jsonl")}
 

@@ -51,8 +51,7 @@ def make_unfiltered(src: str | Path, dst: str | Path) -> Path:
             shutil.copy2(p, t.root / Path(p).name)
     shutil.copytree(s.root / "inter", t.root / "inter", dirs_exist_ok=True)
     with open(t.cot, "w", encoding="utf-8") as f:
-        for _, r in iter_records(s.cot):
-            f.write(json.dumps({**r, "kept": True}, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps({**r, "kept": True}, ensure_ascii=False) + "\n" for _, r in iter_records(s.cot))
     return t.root
 
 

@@ -78,6 +78,7 @@ DATASETS = {
                "label": "MovieLens-100k (RecBole copy fetched at run time; every rating is an interaction)"},
 }
 SID_CF_WEIGHT = 0.0   # text-only SIDs
+SID_CODEBOOK = 256    # codes per SID level (preprocess --codebook_size)
 TINY_ARCH, TINY_DROPOUT = "qwen2", 0.0   # the tiny backbone (README: the dropout ablation)
 LLM_METHODS = ("tiny_sft", "tiny_sft_ens", "tiny_grpo", "smollm2_sft")
 COMPARISONS = (("tiny_sft", "tiny_grpo"), ("sasrec", "tiny_sft"), ("sasrec", "tiny_grpo"), ("sasrec", "tiny_sft_ens"),
@@ -125,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="weight of SASRec's item embeddings beside the text embeddings that the SIDs quantize (preprocess "
            "--sid_cf_weight; 0 = text only; another value than the default names the run <dataset>_cf<W>; "
            "default: %(default)s)")
+    a("--sid_codebook", type=int, default=SID_CODEBOOK,
+      help="codes per SID level (preprocess --codebook_size; another value than the default names the run "
+           "<dataset>_k<K>; default: %(default)s)")
     a("--history_items", action="store_true",
       help="show each history item's own token after its SID (task sid_item_seq: preprocess adds one <item_N> "
            "token per item; names the run <dataset>_items; default: off)")
@@ -160,6 +164,8 @@ def dataset_spec(a: argparse.Namespace) -> dict:
     sid_suffix = "" if a.sid_method == "rqvae" else f"_{a.sid_method}"
     if a.sid_cf_weight != SID_CF_WEIGHT:
         sid_suffix += f"_cf{a.sid_cf_weight:g}"
+    if a.sid_codebook != SID_CODEBOOK:
+        sid_suffix += f"_k{a.sid_codebook}"
     suffix = sid_suffix + ("_items" if a.history_items else "")
     if a.dataset:
         spec = dict(DATASETS[a.dataset])
@@ -174,7 +180,8 @@ def dataset_spec(a: argparse.Namespace) -> dict:
         spec["label"] += ", history items shown as SID + item token"
     if sid_suffix:
         spec["label"] += f", SIDs by {a.sid_method}" + (f" of [text, {a.sid_cf_weight:g} x SASRec] embeddings"
-                                                        if a.sid_cf_weight else " of text embeddings")
+                                                        if a.sid_cf_weight else " of text embeddings") \
+            + (f", {a.sid_codebook} codes per level" if a.sid_codebook != SID_CODEBOOK else "")
     return spec
 
 
@@ -327,6 +334,7 @@ def pipeline(a: argparse.Namespace) -> dict:
                          "--name", spec["name"], *(x for flag in ("--tasks", "--eval_tasks", "--rl_tasks")
                                                    for x in (flag, task)), "--sid_method", a.sid_method,
                          *(["--sid_cf_weight", f"{a.sid_cf_weight:g}"] if a.sid_cf_weight else []),
+                         *(["--codebook_size", str(a.sid_codebook)] if a.sid_codebook != SID_CODEBOOK else []),
                          "--seed", str(a.seed)])
     r.run("backbone", [py, "-m", "mimigenrec.models.backbones", "tiny", "--out", str(models / "tiny"),
                        "--data_dir", str(data), "--hidden_size", str(a.tiny_hidden),
@@ -418,7 +426,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_lr", "sft_seeds", "select_rows", "grpo_steps",
                                                  "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_reward", "tiny_hidden", "tiny_layers",
                                                  "tiny_arch", "tiny_dropout",
-                                                 "sid_method", "sid_cf_weight", "history_items", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
+                                                 "sid_method", "sid_cf_weight", "sid_codebook", "history_items", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
         | ({"smollm2_sft_steps": a.smollm2_sft_steps, "smollm2_eval_rows": a.smollm2_eval_rows} if a.smollm2 else {}),
         "data_stats": {k: stats[k] for k in ("users", "items", "interactions", "rows") if k in stats},
         "training": {"tiny_sft": sft_result(ROOT / models / "tiny_sft"),

@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synth_amazon18 import _open, synthetic_events  # noqa: E402
+from synth_amazon18 import _open, synthetic_events
 
 TS_RANGE_MS = (1_514_764_800_000, 1_696_118_400_000)  # 2018-01-01 .. 2023-10-01
 

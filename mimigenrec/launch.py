@@ -15,8 +15,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from mimigenrec import yaml_config
 from mimigenrec.io import (

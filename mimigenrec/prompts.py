@@ -7,7 +7,8 @@ the text RL rollouts and evaluation feed it (see :func:`chat_messages`).
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 SYSTEM = (
     "You are a recommender system. Read the user's interaction history and answer "
@@ -20,7 +21,7 @@ ITEM_REF = "[ITEM_{}]"
 # (the sid stage's ``--item_tokens`` adds them to new_tokens.json).
 ITEM_TOKEN = "<item_{}>"
 ITEM_REF_RE = re.compile(r"\[ITEM_(\d+)\]")
-THINK_RE = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.S)
+THINK_RE = re.compile(r"^\s*<think>(.*?)</think>\s*(.*)$", re.DOTALL)
 SID_TOKEN_RE = re.compile(r"<[a-z]_\d+>")
 
 # task name -> (instruction, what the history shows, what the answer is)
@@ -172,7 +173,7 @@ def parse_answer(completion: str) -> tuple[str | None, str]:
 
 
 # one think block with no nested / stray tags inside it, then the rest
-_THINK_BLOCK_RE = re.compile(r"<think>((?:(?!</?think>).)*)</think>(.*)", re.S)
+_THINK_BLOCK_RE = re.compile(r"<think>((?:(?!</?think>).)*)</think>(.*)", re.DOTALL)
 _REF_SEP_RE = re.compile(r"[\s,;]+")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from mimigenrec.io import SPLITS, BadInputError, DataDir, iter_records
 
@@ -99,7 +99,7 @@ class UserSequences:
             out[u] = (self.seqs[u][: last + 1], flags)
         return out
 
-    def hold_out_last(self, split: str, as_split: str) -> tuple["UserSequences", list[dict]]:
+    def hold_out_last(self, split: str, as_split: str) -> tuple[UserSequences, list[dict]]:
         """A copy where each user's last ``split`` target belongs to ``as_split`` instead, and those rows
         (``user_id``, ``position``, ``target``): an inner validation set carved out of ``split``."""
         new = copy.copy(self)

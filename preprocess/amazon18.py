@@ -14,9 +14,10 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from mimigenrec.io import BadInputError, LineErrors, bad
 

@@ -26,9 +26,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from preprocess.append_log import AppendLog
 from mimigenrec.io import DataDir, add_out_dir_argument, caption_is_current, write_jsonl
-from preprocess.llm_backends import Backend, add_backend_arguments, backend_from_args, chat_validated
+from preprocess.append_log import AppendLog
+from preprocess.llm_backends import (
+    Backend,
+    add_backend_arguments,
+    backend_from_args,
+    chat_validated,
+)
 from preprocess.reasoning_prompts import caption_messages
 
 SKIPPED_FILE = "captions_skipped.jsonl"

@@ -45,8 +45,15 @@ from mimigenrec.io import (
     iter_records,
     write_jsonl,
 )
-from preprocess.llm_backends import Backend, HFCausalLM, add_backend_arguments, backend_from_args, chat_validated
 from mimigenrec.prompts import render_history
+from preprocess.caption import open_current_log
+from preprocess.llm_backends import (
+    Backend,
+    HFCausalLM,
+    add_backend_arguments,
+    backend_from_args,
+    chat_validated,
+)
 from preprocess.reasoning_prompts import (
     hindsight_messages,
     judge_likelihood_messages,
@@ -54,7 +61,6 @@ from preprocess.reasoning_prompts import (
     parse_judge_score,
     refine_messages,
 )
-from preprocess.caption import open_current_log
 
 FAILURES_FILE = "cot_failures.jsonl"
 Key = tuple[int, int]
@@ -83,14 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- stage 1: pseudo-CoT
 
-_STOP = set("""a an and are as at be by for from has have in into is it its of on or per the to with without
-this that these those up x pk pcs pack set lot inch inches mm cm ft oz lb lbs ml piece pieces size new""".split())
+_STOP = set(["a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "have", "in", "into", "is", "it", "its", "of", "on", "or", "per", "the", "to", "with", "without", "this", "that", "these", "those", "up", "x", "pk", "pcs", "pack", "set", "lot", "inch", "inches", "mm", "cm", "ft", "oz", "lb", "lbs", "ml", "piece", "pieces", "size", "new"])
 _WORD = re.compile(r"[a-z][a-z\-]{2,}")
-_VISUAL = set("""black white grey gray silver gold red orange yellow green blue purple pink brown beige clear
-transparent translucent metallic dark light bright matte glossy shiny round square rectangular cylindrical
-flat long short thin thick small large tiny coiled plastic metal steel aluminum aluminium wood wooden glass
-rubber paper cardboard fabric cloth leather foam ceramic silicone nylon box boxed bag bagged bottle tube
-blister packaged package carton roll spool jar can pouch""".split())
+_VISUAL = set(["black", "white", "grey", "gray", "silver", "gold", "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "beige", "clear", "transparent", "translucent", "metallic", "dark", "light", "bright", "matte", "glossy", "shiny", "round", "square", "rectangular", "cylindrical", "flat", "long", "short", "thin", "thick", "small", "large", "tiny", "coiled", "plastic", "metal", "steel", "aluminum", "aluminium", "wood", "wooden", "glass", "rubber", "paper", "cardboard", "fabric", "cloth", "leather", "foam", "ceramic", "silicone", "nylon", "box", "boxed", "bag", "bagged", "bottle", "tube", "blister", "packaged", "package", "carton", "roll", "spool", "jar", "can", "pouch"])
 
 
 def _top(counter: Counter, k: int) -> list[str]:

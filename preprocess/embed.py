@@ -142,7 +142,12 @@ class TextEncoder:
 
     def __init__(self, spec: str = MINILM, device: str = "auto", dtype: str = "float32") -> None:
         import torch
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoTokenizer,
+        )
 
         self.spec = spec
         self.device = pick_device(device)

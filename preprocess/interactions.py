@@ -29,9 +29,10 @@ import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+from typing import IO, Any
 
 import numpy as np
 
@@ -253,7 +254,7 @@ def to_timestamp(value: Any) -> int | None:
 
 
 _TAG_RE = re.compile(r"<[^>]*>")
-_SCRIPT_RE = re.compile(r"<(script|style)\b.*?</\1\s*>", re.S | re.I)
+_SCRIPT_RE = re.compile(r"<(script|style)\b.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
 _CODE_RE = re.compile(r"^\s*var\s+\w+\s*=|getTime\(\)|function\s*\(")
 
 
@@ -396,7 +397,7 @@ class ItemStore(Mapping[str, dict]):
         self._buf.clear()
         self._file.close()
 
-    def __enter__(self) -> "ItemStore":
+    def __enter__(self) -> ItemStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -655,7 +656,7 @@ def build_dataset(log: EventLog, item_meta: Mapping[str, dict], out_dir: str | o
     user_start = np.flatnonzero(np.r_[True, ev_user[1:] != ev_user[:-1]])
     labels = split_labels(user_start, len(ev_user), ev_ts, ev_line, cfg)
     del ev_line
-    stats.update(users=len(users_out), items=len(items_out), interactions=int(len(ev_user)),
+    stats.update(users=len(users_out), items=len(items_out), interactions=len(ev_user),
                  repeat_interactions=_repeats(ev_user.astype(np.int64) * (len(items_out) + 1) + ev_item))
     rows = {s: int((labels == k).sum()) for k, s in enumerate(SPLITS)}
     for s, n in rows.items():

@@ -42,8 +42,9 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from mimigenrec.prompts import ITEM_REF_RE
 
@@ -188,4 +189,4 @@ def get_reward(name_or_spec: str | RewardFunc, **context: Any) -> RewardFunc:
     return _bind(fn, name, context)
 
 
-__all__ = ["TEACHER_REWARDS", "completion_text", "column", "extra_infos", "get_reward", "ground_truths", "list_rewards"]
+__all__ = ["TEACHER_REWARDS", "column", "completion_text", "extra_infos", "get_reward", "ground_truths", "list_rewards"]

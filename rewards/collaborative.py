@@ -113,12 +113,15 @@ def cf_logp(prompts=None, completions=None, completion_ids=None, *, data_dir: st
     """
     scored, universe = sasrec_scored(completions, kwargs, data_dir, cache_dir, split="valid")
     out: list[float | None] = []
+    row_logp: dict[int, torch.Tensor] = {}   # a group's beams share their row's score vector
     for x in scored:
         if x is None:
             out.append(None)
             continue
         item, _, s = x
-        logp = s[universe].log_softmax(-1)
+        if s.data_ptr() not in row_logp:   # each completion holds a view of its row of one score matrix
+            row_logp[s.data_ptr()] = s[universe].log_softmax(-1)
+        logp = row_logp[s.data_ptr()]
         pos = int(torch.searchsorted(universe, item)) if item is not None else len(universe)
         out.append(float(logp[pos]) if pos < len(universe) and int(universe[pos]) == item else float(logp.min()))
     return out

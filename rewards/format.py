@@ -11,7 +11,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mimigenrec.prompts import SID_TOKEN_RE, parse_item_refs, parse_query, split_reasoning
+from mimigenrec.prompts import (
+    SID_TOKEN_RE,
+    parse_item_refs,
+    parse_query,
+    split_reasoning,
+)
 from rewards import completion_text, ground_truths
 
 _SID_FULL = re.compile(rf"(?:{SID_TOKEN_RE.pattern})+")

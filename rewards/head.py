@@ -11,7 +11,7 @@ import re
 
 from rewards import column, completion_text
 
-_THINK_ONLY = re.compile(r"\s*<think>((?:(?!</?think>).)*)</think>\s*", re.S)
+_THINK_ONLY = re.compile(r"\s*<think>((?:(?!</?think>).)*)</think>\s*", re.DOTALL)
 
 
 def recpo(prompts=None, completions=None, completion_ids=None, *, prob_weight: float = 0.05,

@@ -22,7 +22,7 @@ from mimigenrec.prompts import parse_query
 from rewards import item_rows
 
 _LOCK = threading.Lock()
-_INDEXES: dict[tuple, "CatalogIndex"] = {}
+_INDEXES: dict[tuple, CatalogIndex] = {}
 
 
 def _doc_text(item: dict) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -34,9 +34,12 @@ def teacher_models(teachers: tuple[str, ...]):
     """``(tokenizer, [model, ...])`` of the teacher folders, frozen, on this process's device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
+    # bf16 on a GPU, as the policy trains there (the scores are cast to fp32 before log_softmax)
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     tok = AutoTokenizer.from_pretrained(teachers[0])
-    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval().requires_grad_(False)
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval().requires_grad_(False)
               for d in teachers]
     return tok, models
 

@@ -13,17 +13,16 @@
 # A re-run retrains SFT and GRPO from scratch (their output dirs are replaced), so changed settings
 # never mix with an earlier run's checkpoints.
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-PY="${VENV:-$ROOT/.venv}/bin/python"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# shellcheck source=examples/recipes/common.sh
+source examples/recipes/common.sh   # the venv, offline Hugging Face, step()
+PY=python
 O="${MAIN_OUT:-data/Industrial_and_Scientific}"
 RUNS="${MAIN_RUNS:-runs/main}"
 RAW=data/raw/amazon18/Industrial_and_Scientific
 NAME=Industrial_and_Scientific
 SELECT_ROWS="${SELECT_ROWS:-500}"
-step() { printf '\n=== %s ===\n' "$*"; }
 
 step "1/6 preprocess $RAW -> $O"
 "$PY" -m preprocess all --source amazon18 --raw_dir "$RAW" --category "$NAME" \

@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--dest", default="data/raw/amazon18", help="output root; files go to DEST/C/")
     a = p.parse_args()
     src = Path(a.src)
-    find = lambda stem: next(f for f in (src / stem, src / f"{stem}.gz") if f.exists())  # noqa: E731
+    find = lambda stem: next(f for f in (src / stem, src / f"{stem}.gz") if f.exists())
     errs = LineErrors(str(find(f"{a.category}_5.json")))
     reviews = [obj for _, obj in iter_records(find(f"{a.category}_5.json"), errs)]
     errs.report()

@@ -10,10 +10,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
-import pytest  # noqa: E402
+import pytest
 
-from mimigenrec.io import DataDir  # noqa: E402
-from mimigenrec.toy_data import make_dataset  # noqa: E402,F401
+from mimigenrec.io import DataDir
+from mimigenrec.toy_data import make_dataset
 
 
 @pytest.fixture

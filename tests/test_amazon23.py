@@ -7,11 +7,11 @@ import random
 from pathlib import Path
 
 import pytest
+from test_preprocess_sources import check_rows, rows_of, run_stage, write_lines
 
 from mimigenrec.io import SPLITS, BadInputError, DataDir, read_jsonl
 from preprocess import amazon18, amazon23, interactions
 from preprocess.interactions import ItemStore, item_record
-from test_preprocess_sources import check_rows, rows_of, run_stage, write_lines
 
 MS = 1000
 

@@ -10,9 +10,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -569,7 +569,7 @@ def test_bad_input(c: Case, tmp_path, capsys, monkeypatch):
     for needle in c.names:
         assert needle.format(tmp=tmp_path) in msg, f"{needle!r} not in:\n{msg[-3000:]}"
     # (a logging handler bound to an earlier test's closed capture stream prints "--- Logging error ---")
-    ours = re.sub(r"--- Logging error ---.*?\nArguments: [^\n]*\n", "", msg, flags=re.S)
+    ours = re.sub(r"--- Logging error ---.*?\nArguments: [^\n]*\n", "", msg, flags=re.DOTALL)
     assert "Traceback" not in ours, ours[-3000:]
     if rc == 2:
         assert "error: " in msg

@@ -9,7 +9,11 @@ import torch
 from test_trie import sharpen  # tests/ is on sys.path (no package)
 
 from mimigenrec import prompts
-from mimigenrec.decoding.beam_search import BeamResult, constrained_beam_search, tree_attention_supported
+from mimigenrec.decoding.beam_search import (
+    BeamResult,
+    constrained_beam_search,
+    tree_attention_supported,
+)
 from mimigenrec.decoding.trie import ItemTrie
 
 
@@ -331,7 +335,7 @@ def test_sasrec_gain_orders_each_group_by_the_reward_models_scores(monkeypatch):
     comps = ["<a_0>", "<a_2>", "<a_1>", "<a_4>", "<a_3>", "<a_2>"]   # two groups of 3, in beam order
     ps = ["p0"] * 3 + ["p4"] * 3
     info = [{"user_id": 0, "position": 1, "target": 0}] * 3 + [{"user_id": 4, "position": 1, "target": 4}] * 3
-    g = lambda r: 1 / math.log2(r + 2)  # noqa: E731
+    g = lambda r: 1 / math.log2(r + 2)
     got = mod.sasrec_gain(ps, comps, data_dir=".", beam_rank=[0, 1, 2] * 2, extra_info=info)
     # group 1: SASRec ranks items 0, 1, 2 first: beams (0, 2, 1) -> teacher ranks (0, 2, 1)
     assert got == pytest.approx([0.0, g(2) - g(1), g(1) - g(2), 0.0, 0.0, 0.0])

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from preprocess.append_log import AppendLog
 from mimigenrec.io import BadInputError
-from preprocess.llm_backends import OpenAIChatBackend
 from mimigenrec.prompts import item_ref, sid_string
-from preprocess.reasoning_prompts import caption_messages, parse_judge_score
 from preprocess.__main__ import main as preprocess_main
+from preprocess.append_log import AppendLog
 from preprocess.cot import load_kept_cot, pseudo_cot
+from preprocess.llm_backends import OpenAIChatBackend
+from preprocess.reasoning_prompts import caption_messages, parse_judge_score
 
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20),

@@ -45,9 +45,8 @@ def write_dataset(root: Path, seqs: dict[int, list[int]]) -> Path:
     """A preprocessed dir as docs/formats.md describes it (leave-one-out, history capped)."""
     (root / "inter").mkdir(parents=True)
     with open(root / "items.jsonl", "w") as f:
-        for i in range(N_ITEMS):
-            f.write(json.dumps({"item_id": i, "raw_id": f"I{i}", "title": f"widget number {i}", "description": "",
-                                "brand": "", "categories": [], "image_urls": []}) + "\n")
+        f.writelines(json.dumps({"item_id": i, "raw_id": f"I{i}", "title": f"widget number {i}", "description": "",
+                                "brand": "", "categories": [], "image_urls": []}) + "\n" for i in range(N_ITEMS))
     files = {s: open(root / "inter" / f"{s}.jsonl", "w") for s in ("train", "valid", "test")}
     for u, seq in seqs.items():
         n = len(seq)

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from mimigenrec.models.backbones import build_tiny_model
     from test_grpo import write_rl_splits  # tests/ is on sys.path (no package)
+
+    from mimigenrec.models.backbones import build_tiny_model
 
     root = tmp_path_factory.mktemp("head")
     d = make_dataset(root / "ds")
@@ -144,7 +145,12 @@ def test_recpo_reward_equals_hand_computed_values():
 def test_save_load_round_trip(world, tmp_path, source):
     from transformers import AutoModelForCausalLM
 
-    from mimigenrec.models.item_head import HEAD_CONFIG, ItemHeadModel, is_head_dir, user_prompt
+    from mimigenrec.models.item_head import (
+        HEAD_CONFIG,
+        ItemHeadModel,
+        is_head_dir,
+        user_prompt,
+    )
 
     head = make_head(world, source=source, temperature=0.7)
     head.save_pretrained(tmp_path / "h")

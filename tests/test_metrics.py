@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from mimigenrec.eval.candidates import cached_candidates, sample_candidates
+from mimigenrec.eval.metrics import (
+    aggregate,
+    dedupe,
+    markdown_table,
+    rank_by_score,
+    row_metrics,
+    target_rank,
+)
 from mimigenrec.io import BadInputError
-from mimigenrec.eval.metrics import aggregate, dedupe, markdown_table, rank_by_score, row_metrics, target_rank
 from mimigenrec.sequences import UserSequences, splits_before
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mimigenrec.eval import compare, select_checkpoint
-from mimigenrec.io import read_json
 from mimigenrec.eval.metrics import paired_bootstrap
+from mimigenrec.io import read_json
 from mimigenrec.toy_data import make_dataset
 
 

@@ -7,12 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_embed_sid import _clustered
 
 from mimigenrec.io import DataDir, read_json, write_jsonl
 from preprocess import sid
 from preprocess.__main__ import main as cli
 from preprocess.sid_rqvae import RQVAE, _reinit_dead, train_rqvae
-from test_embed_sid import _clustered
 
 
 def test_level_usage_hand_computed():

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mimigenrec import prompts  # noqa: E402
-from mimigenrec.io import DataDir, read_json, write_json  # noqa: E402
-from mimigenrec.sequences import load_sequences  # noqa: E402
+from mimigenrec import prompts
+from mimigenrec.io import DataDir, read_json, write_json
+from mimigenrec.sequences import load_sequences
 
 
 def main(argv: list[str] | None = None) -> int:

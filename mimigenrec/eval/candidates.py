@@ -12,8 +12,8 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from mimigenrec.io import BadInputError, DataDir, read_json, write_json
 

@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from mimigenrec.io import BadInputError, cli_errors, iter_records
 from mimigenrec.eval.metrics import paired_bootstrap, per_row
+from mimigenrec.io import BadInputError, cli_errors, iter_records
 
 __all__ = ["compare", "main"]
 

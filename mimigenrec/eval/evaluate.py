@@ -55,14 +55,22 @@ import random
 import re
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from mimigenrec import prompts
+from mimigenrec.eval.metrics import (
+    DEFAULT_KS,
+    aggregate,
+    dedupe,
+    markdown_table,
+    rank_by_score,
+)
 from mimigenrec.io import (
     BadInputError,
     DataDir,
@@ -77,7 +85,6 @@ from mimigenrec.io import (
     write_json,
     write_jsonl,
 )
-from mimigenrec.eval.metrics import DEFAULT_KS, aggregate, dedupe, markdown_table, rank_by_score
 from mimigenrec.sequences import UserSequences, load_sequences, splits_before
 
 TASKS = ("sid_seq", "sid_item_seq", "title_seq2sid", "cand_rank", "query")
@@ -98,7 +105,7 @@ class Dist:
     initialized_here: bool = False
 
     @classmethod
-    def from_env(cls) -> "Dist":
+    def from_env(cls) -> Dist:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         d = cls(rank, world, int(os.environ.get("LOCAL_RANK", rank)))
         if world > 1:
@@ -312,7 +319,6 @@ class ModelRanker(Ranker):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from mimigenrec.decoding.trie import ItemTrie
-
         from mimigenrec.models.ensemble import EnsembleLM, split_paths
 
         self.name, self.path, self.data, self.args, self.device = name, path, data, args, device

@@ -12,7 +12,7 @@ Protocol (the one every method in :mod:`mimigenrec.eval.evaluate` is scored with
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 

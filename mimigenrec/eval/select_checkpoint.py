@@ -26,9 +26,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from mimigenrec.eval.metrics import mean_se, per_row
 from mimigenrec.io import BadInputError, cli_errors, iter_records
 from mimigenrec.prompts import SEQ_TASKS, TASKS
-from mimigenrec.eval.metrics import mean_se, per_row
 
 __all__ = ["checkpoints", "main", "select"]
 

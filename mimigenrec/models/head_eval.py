@@ -11,13 +11,13 @@ scores the row's candidates. The prompt is always the head's own (``sid_seq`` or
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from mimigenrec.eval.evaluate import EvalData, Ranker
-from mimigenrec.io import DataDir, bad, check_model_dir
 from mimigenrec.eval.metrics import rank_by_score
+from mimigenrec.io import DataDir, bad, check_model_dir
 from mimigenrec.models.item_head import ItemHeadModel, user_prompt
 
 __all__ = ["HeadRanker"]

@@ -25,15 +25,22 @@ import os
 import random
 import sys
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from mimigenrec import yaml_config
 from mimigenrec.io import BadInputError, DataDir, bad
-from mimigenrec.models.item_head import HeadConfig, ItemHeadModel, is_head_dir, item_text, user_prompt
+from mimigenrec.models.item_head import (
+    HeadConfig,
+    ItemHeadModel,
+    is_head_dir,
+    item_text,
+    user_prompt,
+)
 
 __all__ = ["HeadTrainConfig", "HeadTrainer", "RefreshItems", "build", "load_config", "main", "run"]
 
@@ -42,14 +49,14 @@ __all__ = ["HeadTrainConfig", "HeadTrainer", "RefreshItems", "build", "load_conf
 class HeadTrainConfig(TrainingArguments):
     """``TrainingArguments`` + the head and data settings of the warm-up."""
 
-    model_name_or_path: Optional[str] = field(
+    model_name_or_path: str | None = field(
         default=None, metadata={"help": "Causal LM folder (backbone or SFT output, SID tokens added); a head folder "
                                         "continues training that head with its own head settings."})
-    data_dir: Optional[str] = field(default=None, metadata={"help": "Preprocessed dataset dir O."})
+    data_dir: str | None = field(default=None, metadata={"help": "Preprocessed dataset dir O."})
     train_split: str = field(default="train", metadata={"help": "Rows trained on (O/inter/<split>.jsonl)."})
     eval_split: str = field(default="valid", metadata={"help": "Rows of the NDCG@10 evaluation (eval_strategy)."})
     eval_rows: int = field(default=1000, metadata={"help": "Seeded subset of eval_split rows scored (0 = all)."})
-    max_train_rows: Optional[int] = field(default=None, metadata={"help": "Seeded subset of train rows (None/0 = all)."})
+    max_train_rows: int | None = field(default=None, metadata={"help": "Seeded subset of train rows (None/0 = all)."})
     task: str = field(default="sid_seq", metadata={"help": "Prompt of the rows: sid_seq or title_seq2sid."})
     item_source: str = field(default="lm", metadata={"help": "lm: item embeddings = the LM's encodings of the item "
                                                              "texts (cached, refreshed); table: a learned table."})
@@ -57,7 +64,7 @@ class HeadTrainConfig(TrainingArguments):
     item_pooling: str = field(default="last", metadata={"help": "item_source lm: item state at the marker (last, "
                                                                 "R2ec) or the mean over the item text (mean)."})
     temperature: float = field(default=1.0, metadata={"help": "Score = dot product / temperature."})
-    marker: Optional[str] = field(default=None, metadata={"help": "Token whose final hidden state is the state "
+    marker: str | None = field(default=None, metadata={"help": "Token whose final hidden state is the state "
                                                                   "(None = EOS); added to the tokenizer if new."})
     num_negatives: int = field(default=0, metadata={"help": "0 = softmax over every item; N = over the batch's "
                                                             "targets + N uniformly sampled items."})
@@ -204,7 +211,7 @@ class HeadTrainer(Trainer):
         self._eval_cols = torch.tensor([head.col_of[i] for i in ids], dtype=torch.long)
         self._eval_items = ids
 
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         out = output_dir or self.args.output_dir
         self.accelerator.unwrap_model(self.model).save_pretrained(out, safe_serialization=self.args.save_safetensors)
         torch.save(self.args, os.path.join(out, "training_args.bin"))

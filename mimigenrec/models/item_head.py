@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ class HeadConfig:
             raise ValueError("item_ids holds duplicates")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "HeadConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> HeadConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -186,7 +187,7 @@ class ItemHeadModel(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, lm: nn.Module, tokenizer: Any, cfg: HeadConfig, batch_size: int = 64) -> "ItemHeadModel":
+    def build(cls, lm: nn.Module, tokenizer: Any, cfg: HeadConfig, batch_size: int = 64) -> ItemHeadModel:
         """A new head on ``lm``: adds a marker token the tokenizer lacks, encodes every item with the LM."""
         if cfg.marker and cfg.marker not in tokenizer.get_vocab():
             from tokenizers import AddedToken
@@ -368,7 +369,7 @@ class ItemHeadModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, **kwargs: Any) -> "ItemHeadModel":
+                        dtype: torch.dtype | None = None, **kwargs: Any) -> ItemHeadModel:
         """Load a folder written by :meth:`save_pretrained` (``kwargs`` go to the LM's ``from_pretrained``)."""
         from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM, AutoTokenizer

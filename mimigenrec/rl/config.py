@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from trl import GRPOConfig
 
@@ -25,9 +26,9 @@ __all__ = ["RLConfig", "load_config", "our_fields", "parse_overrides"]
 class RLConfig(GRPOConfig):
     """``GRPOConfig`` + the dataset, reward, rollout, LoRA and watch settings of mimigenrec."""
 
-    model_name_or_path: Optional[str] = field(
+    model_name_or_path: str | None = field(
         default=None, metadata={"help": "HF model directory to train (an SFT output; SID tokens already added)."})
-    data_dir: Optional[str] = field(
+    data_dir: str | None = field(
         default=None, metadata={"help": "Preprocessed dataset dir O: reads O/rl/<split>.json, O/id2sid.json, "
                                         "O/items.jsonl (docs/formats.md)."})
     disable_dropout: bool = field(
@@ -36,7 +37,7 @@ class RLConfig(GRPOConfig):
                                         "policy than the one that drew them."})
     train_split: str = field(default="train", metadata={"help": "RL split trained on (O/rl/<split>.json)."})
     eval_split: str = field(default="valid", metadata={"help": "RL split of the held-out NDCG@10 watch."})
-    max_train_rows: Optional[int] = field(
+    max_train_rows: int | None = field(
         default=None, metadata={"help": "Train on a seeded random subset of this many rows (None or 0 = all)."})
     rewards: list[str] = field(
         default_factory=lambda: ["rule"],
@@ -65,7 +66,7 @@ class RLConfig(GRPOConfig):
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         metadata={"help": "Module names LoRA adapts."})
-    lora_modules_to_save: Optional[list[str]] = field(
+    lora_modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full beside LoRA (e.g. [embed_tokens, lm_head] so new "
                                         "SID token embeddings keep learning)."})
     eval_every_steps: int = field(
@@ -86,7 +87,7 @@ class RLConfig(GRPOConfig):
     trainer: str = field(
         default="grpo", metadata={"help": "grpo: ConstrainedGRPOTrainer (mimigenrec.rl.grpo); recpo: RecPO on an "
                                           "item-head folder (mimigenrec.rl.recpo; the watch fields do not apply)."})
-    recpo: Optional[dict] = field(
+    recpo: dict | None = field(
         default=None, metadata={"help": "trainer recpo: options of mimigenrec.rl.recpo.RecPOOptions, e.g. "
                                         "{rec_loss_weight: 1.0, refresh_steps: 50, prob_weight: 0.05}."})
 

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
@@ -48,8 +49,8 @@ from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
 from mimigenrec.decoding.beam_search import constrained_beam_search
-from mimigenrec.prompts import ITEM_REF_RE, item_ref, sid_string, split_sid
 from mimigenrec.decoding.trie import ItemTrie, TrieLogitsProcessor
+from mimigenrec.prompts import ITEM_REF_RE, item_ref, sid_string, split_sid
 
 __all__ = ["AnswerSpace", "ConstrainedGRPOTrainer", "answer_kind"]
 
@@ -88,7 +89,7 @@ class AnswerSpace:
 
     @classmethod
     def build(cls, tokenizer, id2sid: Mapping[int, Sequence[str]] | None = None,
-              ref_items: Sequence[int] | None = None, vocab_size: int | None = None) -> "AnswerSpace":
+              ref_items: Sequence[int] | None = None, vocab_size: int | None = None) -> AnswerSpace:
         """Answers = SIDs of ``id2sid`` (if given) + ``[ITEM_n]`` for ``ref_items`` (if given), each + EOS."""
         eos = tokenizer.eos_token_id
         if eos is None:

@@ -25,16 +25,22 @@ LoRA and ``rollout_mode: beam`` are refused.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 from trl import GRPOTrainer
 
-from mimigenrec.rl.grpo import neutral_generation_config
 from mimigenrec.io import BadInputError, DataDir, bad
-from mimigenrec.models.item_head import HEAD_WEIGHTS, ItemHeadModel, cut_at_eos, is_head_dir
+from mimigenrec.models.item_head import (
+    HEAD_WEIGHTS,
+    ItemHeadModel,
+    cut_at_eos,
+    is_head_dir,
+)
+from mimigenrec.rl.grpo import neutral_generation_config
 
 __all__ = ["RecPOOptions", "RecPOTrainer", "build_recpo_trainer"]
 
@@ -49,10 +55,10 @@ class RecPOOptions:
     item_grad: bool = True         # item_source lm: the CE re-encodes the targets with gradient
     encode_batch_size: int = 64    # sequences per forward when scoring rollouts / encoding items
     prob_weight: float = 0.05      # reward recpo: r = (1 - w) NDCG + w p(target)
-    ndcg_k: Optional[int] = None   # reward recpo: NDCG cut-off (None = the full ranking)
+    ndcg_k: int | None = None   # reward recpo: NDCG cut-off (None = the full ranking)
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any] | None) -> "RecPOOptions":
+    def from_mapping(cls, m: Mapping[str, Any] | None) -> RecPOOptions:
         m = dict(m or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(m) - known)
@@ -174,12 +180,12 @@ class RecPOTrainer(GRPOTrainer):
         return opt
 
     # ------------------------------------------------------------------ files
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not _internal_call:  # the final model: its cache = its own encodings
             self.refresher.refresh()
         super().save_model(output_dir, _internal_call)
 
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         self.head.save_head(output_dir or self.args.output_dir)
 

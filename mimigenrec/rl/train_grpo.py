@@ -13,9 +13,10 @@ import argparse
 import json
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mimigenrec.io import BadInputError, DataDir, read_json, read_jsonl
 

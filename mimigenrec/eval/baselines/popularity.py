@@ -6,7 +6,7 @@ test split is evaluated), rebuilt from the rows (:meth:`UserSequences.interactio
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ class Popularity:
         self.counts = counts.float()
 
     @classmethod
-    def fit(cls, seqs: UserSequences, splits: Sequence[str], num_items: int) -> "Popularity":
+    def fit(cls, seqs: UserSequences, splits: Sequence[str], num_items: int) -> Popularity:
         """Count the interactions of ``splits`` (ids ``< num_items``)."""
         counts = torch.zeros(num_items, dtype=torch.float64)
         items = [it for _, _, it in seqs.interactions(splits)]

@@ -23,9 +23,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -275,7 +275,7 @@ class SASRecScorer:
     def load_or_train(cls, data_dir: str | os.PathLike, cache_dirs: Sequence[str | os.PathLike], seqs: UserSequences,
                       num_items: int, items: Sequence[int], valid_rows: Sequence[Mapping], cfg: SASRecConfig,
                       device: str = "cpu", name: str = "sasrec", progress: bool = True,
-                      stopping: str = "valid rows") -> "SASRecScorer":
+                      stopping: str = "valid rows") -> SASRecScorer:
         """Load the cached checkpoint for this data + config + early-stopping protocol (``stopping``
         names which rows ``valid_rows`` are), or train and cache it (first writable dir)."""
         key_parts = [asdict(cfg), num_items, data_fingerprint(data_dir)] + ([stopping] if stopping != "valid rows" else [])
