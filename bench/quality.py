@@ -112,6 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "teachers, needs --sft_seeds >= 2), teacher_kl+cf_logp (the same with SASRec's log-prob of the beam added, "
            "weight 1: distillation of the seeds x SASRec product of experts) or cf_rank (examples/rl/tiny_beam.yaml: "
            "SASRec's rank of a wrong beam, the target injected; the default before); default: %(default)s")
+    a("--grpo_cf_weight", type=float, default=1.0,
+      help="weight of cf_logp beside teacher_kl's 1 in --grpo_reward teacher_kl+cf_logp: the product of experts "
+           "p_teachers * p_SASRec^W that GRPO distils (default: %(default)s)")
     a("--tiny_hidden", type=int, default=128, help="width of the tiny random Qwen2 (default: %(default)s)")
     a("--tiny_layers", type=int, default=4, help="layers of the tiny random Qwen2 (default: %(default)s)")
     a("--tiny_arch", choices=("qwen2", "gpt_neox"), default=TINY_ARCH,
@@ -376,7 +379,8 @@ def pipeline(a: argparse.Namespace) -> dict:
 
             rl_yaml = "examples/rl/tiny_teacher.yaml"
             names = a.grpo_reward.split("+")
-            reward = [f"rewards=[{','.join(names)}]", f"reward_weights=[{','.join('1.0' for _ in names)}]",
+            weights = [f"{a.grpo_cf_weight:g}" if n == "cf_logp" else "1.0" for n in names]
+            reward = [f"rewards=[{','.join(names)}]", f"reward_weights=[{','.join(weights)}]",
                       f"teachers={json.dumps(split_paths(llms['tiny_sft_ens']))}"]
         r.run("grpo_tiny", ["bash", "trl_trainer.sh", rl_yaml,
                             f"model_name_or_path={models / 'tiny_sft'}", f"data_dir={data}",
@@ -424,7 +428,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "device": f"cuda ({torch.cuda.get_device_name(0)}), bf16" if cuda else
         f"cpu (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores visible)",
         "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_lr", "sft_seeds", "select_rows", "grpo_steps",
-                                                 "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_reward", "tiny_hidden", "tiny_layers",
+                                                 "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_reward", "grpo_cf_weight", "tiny_hidden", "tiny_layers",
                                                  "tiny_arch", "tiny_dropout",
                                                  "sid_method", "sid_cf_weight", "sid_codebook", "history_items", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
         | ({"smollm2_sft_steps": a.smollm2_sft_steps, "smollm2_eval_rows": a.smollm2_eval_rows} if a.smollm2 else {}),
