@@ -5,7 +5,7 @@ import random
 
 from mimigenrec.io import DataDir, write_json, write_jsonl
 
-WORDS = ["red", "blue", "steel", "brass", "tape", "glue", "drill", "filament", "nozzle", "valve", "pump", "gauge", "wire", "clamp"]
+WORDS = "red blue steel brass tape glue drill filament nozzle valve pump gauge wire clamp".split()
 
 
 def make_dataset(root, n_users: int = 12, n_items: int = 30, seq_len: int = 6, seed: int = 0) -> DataDir:

@@ -23,7 +23,7 @@ _Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False
 
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` with YAML 1.2 booleans (``no`` stays the string "no")."""
-    return yaml.load(text, Loader=_Loader)
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
 
 
 def read_yaml_mapping(path: str | Path, error: type[Exception] = ValueError) -> dict[str, Any]:

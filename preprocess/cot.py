@@ -89,9 +89,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- stage 1: pseudo-CoT
 
-_STOP = set(["a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "has", "have", "in", "into", "is", "it", "its", "of", "on", "or", "per", "the", "to", "with", "without", "this", "that", "these", "those", "up", "x", "pk", "pcs", "pack", "set", "lot", "inch", "inches", "mm", "cm", "ft", "oz", "lb", "lbs", "ml", "piece", "pieces", "size", "new"])
+_STOP = set("""a an and are as at be by for from has have in into is it its of on or per the to with without
+this that these those up x pk pcs pack set lot inch inches mm cm ft oz lb lbs ml piece pieces size new""".split())
 _WORD = re.compile(r"[a-z][a-z\-]{2,}")
-_VISUAL = set(["black", "white", "grey", "gray", "silver", "gold", "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "beige", "clear", "transparent", "translucent", "metallic", "dark", "light", "bright", "matte", "glossy", "shiny", "round", "square", "rectangular", "cylindrical", "flat", "long", "short", "thin", "thick", "small", "large", "tiny", "coiled", "plastic", "metal", "steel", "aluminum", "aluminium", "wood", "wooden", "glass", "rubber", "paper", "cardboard", "fabric", "cloth", "leather", "foam", "ceramic", "silicone", "nylon", "box", "boxed", "bag", "bagged", "bottle", "tube", "blister", "packaged", "package", "carton", "roll", "spool", "jar", "can", "pouch"])
+_VISUAL = set("""black white grey gray silver gold red orange yellow green blue purple pink brown beige clear
+transparent translucent metallic dark light bright matte glossy shiny round square rectangular cylindrical
+flat long short thin thick small large tiny coiled plastic metal steel aluminum aluminium wood wooden glass
+rubber paper cardboard fabric cloth leather foam ceramic silicone nylon box boxed bag bagged bottle tube
+blister packaged package carton roll spool jar can pouch""".split())
 
 
 def _top(counter: Counter, k: int) -> list[str]:

@@ -16,8 +16,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 # shellcheck source=examples/recipes/common.sh
-source examples/recipes/common.sh   # the venv, offline Hugging Face, step()
-PY=python
+source examples/recipes/common.sh   # the venv (python below is its interpreter), offline Hugging Face, step()
 O="${MAIN_OUT:-data/Industrial_and_Scientific}"
 RUNS="${MAIN_RUNS:-runs/main}"
 RAW=data/raw/amazon18/Industrial_and_Scientific
@@ -25,12 +24,12 @@ NAME=Industrial_and_Scientific
 SELECT_ROWS="${SELECT_ROWS:-500}"
 
 step "1/6 preprocess $RAW -> $O"
-"$PY" -m preprocess all --source amazon18 --raw_dir "$RAW" --category "$NAME" \
+python -m preprocess all --source amazon18 --raw_dir "$RAW" --category "$NAME" \
   --out_dir "$O" --kcore 0 --split loo --name "$NAME" --tasks sid_seq --sid_method rqvae
 
 step "2/6 tiny backbone (4 layers x 128, from scratch) -> $RUNS/models/tiny"
 rm -rf "$RUNS/models/tiny" "$RUNS/sft" "$RUNS/grpo"
-"$PY" -m mimigenrec.models.backbones tiny --out "$RUNS/models/tiny" --data_dir "$O" --hidden_size 128 --num_layers 4 \
+python -m mimigenrec.models.backbones tiny --out "$RUNS/models/tiny" --data_dir "$O" --hidden_size 128 --num_layers 4 \
   --embed_std 0.02 --add_sid_tokens
 
 step "3/6 SFT (llamafactory-cli, one checkpoint per epoch) -> $RUNS/sft"
@@ -39,7 +38,7 @@ bash sft.sh examples/sft/tiny_full.yaml model_name_or_path="$RUNS/models/tiny" o
   num_train_epochs="${SFT_EPOCHS:-3}" learning_rate=3e-3
 
 step "4/6 keep the SFT epoch with the best valid NDCG@10 -> $RUNS/sft"
-"$PY" -m mimigenrec.eval.select_checkpoint --data_dir "$O" --run_dir "$RUNS/sft" --max_rows "$SELECT_ROWS"
+python -m mimigenrec.eval.select_checkpoint --data_dir "$O" --run_dir "$RUNS/sft" --max_rows "$SELECT_ROWS"
 
 step "5/6 GRPO (TRL, 16 constrained beams per prompt, a step kept only if it beats step 0 by 2 s.e. on valid) -> $RUNS/grpo"
 bash trl_trainer.sh examples/rl/tiny_beam.yaml model_name_or_path="$RUNS/sft" data_dir="$O" \
@@ -48,7 +47,7 @@ bash trl_trainer.sh examples/rl/tiny_beam.yaml model_name_or_path="$RUNS/sft" da
 step "6/6 evaluate on test -> $RUNS/eval"
 bash evaluate.sh --data_dir "$O" --split test --model sft="$RUNS/sft" --model grpo="$RUNS/grpo" \
   --baseline popularity --baseline sasrec --max_rows "${EVAL_ROWS:-500}" --output_dir "$RUNS/eval" --overwrite
-"$PY" -m mimigenrec.eval.compare "$RUNS/eval" sft grpo --metric ndcg@10
+python -m mimigenrec.eval.compare "$RUNS/eval" sft grpo --metric ndcg@10
 
 step "done"
 cat <<MSG
