@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {"rows": len(out), "first": ndcg_hr(out, lambda c: c["llm"][0]),
            "mean": ndcg_hr(out, lambda c: sum(c["llm"]) / len(c["llm"])), "sasrec": ndcg_hr(out, lambda c: c["sasrec"])}
     for w in a.weights:
-        res[f"first+{w:g}sasrec"] = ndcg_hr(out, lambda c: c["llm"][0] + w * c["sasrec"])
-        res[f"mean+{w:g}sasrec"] = ndcg_hr(out, lambda c: sum(c["llm"]) / len(c["llm"]) + w * c["sasrec"])
+        res[f"first+{w:g}sasrec"] = ndcg_hr(out, lambda c, w=w: c["llm"][0] + w * c["sasrec"])
+        res[f"mean+{w:g}sasrec"] = ndcg_hr(out, lambda c, w=w: sum(c["llm"]) / len(c["llm"]) + w * c["sasrec"])
     for k, v in res.items():
         if k != "rows":
             print(f"{k:>18}: NDCG@10 {v[0]:.4f}  HR@10 {v[1]:.4f}")
