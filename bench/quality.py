@@ -80,6 +80,9 @@ DATASETS = {
 SID_CF_WEIGHT = 0.0   # text-only SIDs
 SID_CODEBOOK = 256    # codes per SID level (preprocess --codebook_size)
 TINY_ARCH, TINY_DROPOUT = "qwen2", 0.0   # the tiny backbone (README: the dropout ablation)
+# its BPE vocabulary: the SID tasks' rows hold no free text (every prompt phrase, chat role, separator and
+# SID is a token of its own), so merges would only widen the output layer that every position pays for
+TINY_VOCAB = 256
 LLM_METHODS = ("tiny_sft", "tiny_sft_ens", "tiny_grpo", "smollm2_sft")
 COMPARISONS = (("tiny_sft", "tiny_grpo"), ("sasrec", "tiny_sft"), ("sasrec", "tiny_grpo"), ("sasrec", "tiny_sft_ens"),
                ("tiny_sft", "tiny_sft_ens"))
@@ -117,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "p_teachers * p_SASRec^W that GRPO distils (default: %(default)s)")
     a("--tiny_hidden", type=int, default=128, help="width of the tiny random Qwen2 (default: %(default)s)")
     a("--tiny_layers", type=int, default=4, help="layers of the tiny random Qwen2 (default: %(default)s)")
+    a("--tiny_vocab", type=int, default=TINY_VOCAB,
+      help="BPE vocabulary of the tiny model before its added tokens (backbones --vocab_size; 256 = bytes only, "
+           "enough for the SID tasks; default: %(default)s)")
     a("--tiny_arch", choices=("qwen2", "gpt_neox"), default=TINY_ARCH,
       help="architecture of the tiny model (mimigenrec.models.backbones --arch; default: %(default)s)")
     a("--tiny_dropout", type=float, default=TINY_DROPOUT,
@@ -341,7 +347,8 @@ def pipeline(a: argparse.Namespace) -> dict:
                          "--seed", str(a.seed)])
     r.run("backbone", [py, "-m", "mimigenrec.models.backbones", "tiny", "--out", str(models / "tiny"),
                        "--data_dir", str(data), "--hidden_size", str(a.tiny_hidden),
-                       "--num_layers", str(a.tiny_layers), "--embed_std", "0.02", "--sid_init", a.sid_init,
+                       "--num_layers", str(a.tiny_layers), "--vocab_size", str(a.tiny_vocab),
+                       "--embed_std", "0.02", "--sid_init", a.sid_init,
                        "--arch", a.tiny_arch, "--dropout", f"{a.tiny_dropout:g}", "--add_sid_tokens"], after=("preprocess",), fresh=ROOT / models / "tiny")
 
     sft_common = [f"dataset={spec['name']}_sft_train", f"eval_dataset={spec['name']}_sft_valid",
@@ -428,7 +435,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "device": f"cuda ({torch.cuda.get_device_name(0)}), bf16" if cuda else
         f"cpu (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores visible)",
         "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_lr", "sft_seeds", "select_rows", "grpo_steps",
-                                                 "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_reward", "grpo_cf_weight", "tiny_hidden", "tiny_layers",
+                                                 "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_reward", "grpo_cf_weight", "tiny_hidden", "tiny_layers", "tiny_vocab",
                                                  "tiny_arch", "tiny_dropout",
                                                  "sid_method", "sid_cf_weight", "sid_codebook", "history_items", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
         | ({"smollm2_sft_steps": a.smollm2_sft_steps, "smollm2_eval_rows": a.smollm2_eval_rows} if a.smollm2 else {}),

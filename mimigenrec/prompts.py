@@ -71,18 +71,20 @@ CANDIDATES_HEADER = "Candidates:"
 REFERENCE_HEADER = "Reference reasoning:"
 ITEM_TITLE_HEADER = "Item title:"
 SID_HEADER = "Semantic ID:"
+HISTORY_SEP = ", "   # between the items of a SID history
 SEQ_TASKS = ("sid_seq", "sid_item_seq", "title_seq2sid", "sid_seq2title")
 ITEM_TASKS = ("title2sid", "sid2title")
 
 
 def fixed_phrases() -> list[str]:
-    """Every fixed string a prompt is built from (system prompt, instructions, headers), longest first.
+    """Every fixed string a prompt is built from (system prompt, instructions, headers, the SID
+    history's separator), longest first.
 
     A tokenizer trained for this template may hold each as one token (see
     :func:`mimigenrec.models.backbones.build_tiny_model`), so a small model from scratch spends its
     compute on the history, not on boilerplate.
     """
-    texts = {SYSTEM, HISTORY_HEADER, CANDIDATES_HEADER, REFERENCE_HEADER, ITEM_TITLE_HEADER, SID_HEADER}
+    texts = {SYSTEM, HISTORY_HEADER, CANDIDATES_HEADER, REFERENCE_HEADER, ITEM_TITLE_HEADER, SID_HEADER, HISTORY_SEP}
     texts |= {t["instruction"] for t in TASKS.values()}
     return sorted(texts, key=lambda t: (-len(t), t))
 
@@ -136,7 +138,7 @@ def render_history(
     if kind in ("sid", "sid_item"):
         assert id2sid is not None, "sid history needs id2sid"
         own = kind == "sid_item"
-        return ", ".join(sid_string(id2sid[i]) + (item_token(i) if own else "") for i in history)
+        return HISTORY_SEP.join(sid_string(id2sid[i]) + (item_token(i) if own else "") for i in history)
     caps = captions or {}
     return "; ".join(f'"{_item_text(items[i], caps.get(i))}"' for i in history)
 

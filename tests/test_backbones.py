@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mimigenrec import prompts
-from mimigenrec.models.backbones import build_tiny_model, semantic_sid_vectors
+from mimigenrec.models.backbones import CHAT_ROLES, build_tiny_model, semantic_sid_vectors
 
 
 def test_semantic_vectors_are_residual_code_means():
@@ -57,13 +58,27 @@ def test_added_sid_tokens_start_like_llamafactory_adds_them(tmp_path):
     assert len(tok) == e.shape[0]
 
 
-def test_each_fixed_phrase_is_one_token(tmp_path):
+@pytest.mark.parametrize("vocab_size", [2048, 256])
+def test_each_fixed_phrase_is_one_token(tmp_path, vocab_size):
+    """Phrases, the history separator and the chat roles are one token each, with merges (2048) or
+    bytes only (256, bench/quality.py's vocabulary): a sid_seq row is its boilerplate + 4 tokens an item."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "m", hidden_size=16))
-    for phrase in prompts.fixed_phrases():
+    sids = ["<a_1>", "<b_2>", "<a_3>", "<b_4>"]
+    tok = AutoTokenizer.from_pretrained(build_tiny_model(tmp_path / "m", new_tokens=sids, hidden_size=16,
+                                                         vocab_size=vocab_size))
+    for phrase in [*prompts.fixed_phrases(), *CHAT_ROLES]:
         assert len(tok(phrase, add_special_tokens=False).input_ids) == 1, phrase
-    row = prompts.sft_row("sid_seq", prompts.build_input("sid_seq", history=[0], items={0: {"title": "x"}},
-                                                       id2sid={0: ["<a_1>"]}), "")
-    text = prompts.render_prompt(tok, prompts.chat_messages(row))
-    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+
+    def row_len(history: list[int]) -> tuple[int, str]:
+        row = prompts.sft_row("sid_seq", prompts.build_input(
+            "sid_seq", history=history, items={0: {"title": "x"}, 1: {"title": "y"}},
+            id2sid={0: sids[:2], 1: sids[2:]}), "")
+        text = prompts.render_prompt(tok, prompts.chat_messages(row))
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == text
+        return len(ids), text
+
+    (one, _), (two, text) = row_len([0]), row_len([0, 1])
+    assert prompts.HISTORY_SEP + "<a_3>" in text and two - one == 3   # separator + 2 SID tokens
+    assert one == 20, one   # ChatML markers, roles and newlines (14), 3 phrases, a space, 2 SID tokens

@@ -34,8 +34,7 @@ _BASE_CORPUS = [
 def _corpus(extra: Iterable[str] | None) -> list[str]:
     from mimigenrec import prompts
 
-    # the chat roles are in every row: weight them so BPE makes each one token
-    texts = list(_BASE_CORPUS) + ["system\nuser\nassistant\n"] * 64 + [prompts.SYSTEM]
+    texts = list(_BASE_CORPUS) + [prompts.SYSTEM]   # the chat roles are added tokens (add_phrase_tokens)
     texts += [t["instruction"] for t in prompts.TASKS.values()]
     texts += list(extra or [])
     return texts
@@ -63,20 +62,27 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048):
     return fast
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+
+
 def add_phrase_tokens(tokenizer) -> int:
-    """Give each fixed prompt phrase (:func:`mimigenrec.prompts.fixed_phrases`) one normal token.
+    """Give each fixed prompt phrase (:func:`mimigenrec.prompts.fixed_phrases`) and each chat role one
+    normal token.
 
     A from-scratch model learns nothing from spelling out the system prompt and the
     instruction: with a 2k BPE vocabulary they are ~90 of a ~130-token ``sid_seq`` row, so
     as single tokens a row is ~4x shorter and SFT ~4x cheaper. Decoding is unchanged (a
     phrase token decodes to its text), and LLaMA-Factory, TRL and evaluation tokenize with
-    this same tokenizer, so every stage sees the same ids.
+    this same tokenizer, so every stage sees the same ids. The SID history's separator is one of
+    them (4 tokens an item, not 5), and the roles are, so a small BPE vocabulary (``--vocab_size``)
+    does not spell them out.
     """
     from tokenizers import AddedToken
 
     from mimigenrec import prompts
 
-    return tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in prompts.fixed_phrases()])
+    return tokenizer.add_tokens([AddedToken(t, normalized=False, special=False)
+                                 for t in [*prompts.fixed_phrases(), *CHAT_ROLES]])
 
 
 def add_item_tokens(tokenizer, model, tokens: Sequence[str]) -> int:
