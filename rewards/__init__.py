@@ -51,6 +51,7 @@ from mimigenrec.prompts import ITEM_REF_RE
 RewardFunc = Callable[..., list]
 
 TEACHER_REWARDS = ("teacher_kl", "teacher_gain")  # built-ins that need the ``teachers`` config key
+LABEL_FREE_REWARDS = (*TEACHER_REWARDS, "cf_logp")  # built-ins that never read a row's label
 
 _BUILTIN: dict[str, str] = {
     "rule": "rewards.sid_match:rule",
@@ -189,4 +190,4 @@ def get_reward(name_or_spec: str | RewardFunc, **context: Any) -> RewardFunc:
     return _bind(fn, name, context)
 
 
-__all__ = ["TEACHER_REWARDS", "column", "completion_text", "extra_infos", "get_reward", "ground_truths", "list_rewards"]
+__all__ = ["LABEL_FREE_REWARDS", "TEACHER_REWARDS", "column", "completion_text", "extra_infos", "get_reward", "ground_truths", "list_rewards"]

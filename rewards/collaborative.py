@@ -36,17 +36,17 @@ def _reward_model(data_dir: str, cache_dir: str | None = None, split: str = "tes
 
 
 def sasrec_scored(completions, kwargs: dict, data_dir: str | None, cache_dir: str | None = None, split: str = "test"
-                  ) -> tuple[list[tuple[int | None, int, torch.Tensor] | None], torch.Tensor]:
-    """Per completion whose row names a target and a user: ``(its item id, None if not an item; the
-    target; SASRec's scores of every item for the row's user)``, None elsewhere; and the ids of the
-    items evaluation ranks. Every row's scores come from one batched SASRec call."""
+                  ) -> tuple[list[tuple[int | None, int | None, torch.Tensor] | None], torch.Tensor]:
+    """Per completion whose row names a user: ``(its item id, None if not an item; the target, None
+    on a row without a label; SASRec's scores of every item for the row's user)``, None elsewhere; and
+    the ids of the items evaluation ranks. Every row's scores come from one batched SASRec call."""
     if not data_dir:
         raise ValueError("the cf rewards need the data folder (the trainer passes data_dir)")
     scorer, sid_to_item, universe = _reward_model(str(Path(data_dir).resolve()), cache_dir, split)
     completions = list(completions or [])
     infos = extra_infos(kwargs, len(completions))
-    out: list[tuple[int | None, int, torch.Tensor] | None] = [None] * len(completions)
-    todo = [k for k, info in enumerate(infos) if info.get("target") is not None and "user_id" in info]
+    out: list[tuple[int | None, int | None, torch.Tensor] | None] = [None] * len(completions)
+    todo = [k for k, info in enumerate(infos) if "user_id" in info and "position" in info]
     if not todo:
         return out, universe
     keys = sorted({(int(infos[k]["user_id"]), int(infos[k]["position"])) for k in todo})
@@ -55,7 +55,8 @@ def sasrec_scored(completions, kwargs: dict, data_dir: str | None, cache_dir: st
     row_of = {key: j for j, key in enumerate(keys)}
     for k in todo:
         info = infos[k]
-        out[k] = (sid_to_item.get(completion_text(completions[k]).strip()), int(info["target"]),
+        target = info.get("target")
+        out[k] = (sid_to_item.get(completion_text(completions[k]).strip()), None if target is None else int(target),
                   scores[row_of[(int(info["user_id"]), int(info["position"]))]])
     return out, universe
 
@@ -65,7 +66,7 @@ def _sasrec_ranks(completions, kwargs: dict, data_dir: str | None, cache_dir: st
     scored, universe = sasrec_scored(completions, kwargs, data_dir, cache_dir)
     out: list[int | str | None] = []
     for x in scored:
-        if x is None:
+        if x is None or x[1] is None:
             out.append(None)
             continue
         item, target, s = x

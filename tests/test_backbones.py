@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from mimigenrec import prompts
-from mimigenrec.models.backbones import CHAT_ROLES, build_tiny_model, semantic_sid_vectors
+from mimigenrec.models.backbones import (
+    CHAT_ROLES,
+    build_tiny_model,
+    semantic_sid_vectors,
+)
 
 
 def test_semantic_vectors_are_residual_code_means():

@@ -358,6 +358,41 @@ def test_train_row_subset_is_seeded_and_zero_means_all():
     assert a == b and len(a) == 5 and [r["i"] for r in a] == sorted(r["i"] for r in a)
 
 
+def test_heldout_prompts_train_label_free_on_some_users_and_watch_the_others(world, tmp_path):
+    """heldout_prompts: the valid rows of a seeded share of users, stripped of every trace of their target,
+    are the training prompts; the watch holds the other users' rows, labels intact; a reward that reads
+    labels is refused. A teacher_kl step on those prompts has advantages and moves the weights."""
+    from mimigenrec.models.backbones import build_tiny_model
+    from mimigenrec.rl.train_grpo import heldout_split
+
+    valid = read_json(world.data.rl("valid"))
+    prompts_, watch = heldout_split(valid, 0.5, 0, "valid.json")
+    users = {r["extra_info"]["user_id"] for r in valid}
+    p_users = {r["extra_info"]["user_id"] for r in prompts_}
+    w_users = {r["extra_info"]["user_id"] for r in watch}
+    assert p_users | w_users == users and not p_users & w_users and len(p_users) == round(len(users) / 2)
+    assert all(r["reward_model"]["ground_truth"] is None and r["extra_info"]["target"] is None for r in prompts_)
+    assert all(r["reward_model"]["ground_truth"] for r in watch) and len(prompts_) + len(watch) == len(valid)
+    assert heldout_split(valid, 0.5, 0, "v")[0] == prompts_ and heldout_split(valid, 0.5, 1, "v")[0] != prompts_
+
+    with pytest.raises(ValueError, match="reward rule needs them"):
+        make_trainer(world, tmp_path, rollout_mode="beam", rewards=["rule"], heldout_prompts=0.5)
+    with pytest.raises(ValueError, match="heldout_prompts must be in"):
+        make_trainer(world, tmp_path, rollout_mode="beam", rewards=["teacher_kl"], heldout_prompts=1.0)
+    other = build_tiny_model(tmp_path / "teacher", new_tokens=read_json(world.data.new_tokens),
+                             corpus=[it["title"] for it in world.data.load_items().values()], seed=7)
+    trainer = make_trainer(world, tmp_path, rollout_mode="beam", rewards=["teacher_kl"], heldout_prompts=0.5,
+                           teachers=[str(other)], learning_rate=1e-3, eval_rows=1000, eval_every_steps=0,
+                           logging_steps=1, save_strategy="no")
+    sid = [i for i, r in enumerate(trainer.train_dataset) if r["extra_info"]["task"] == "sid_seq"]
+    assert len(trainer.train_dataset) == len(prompts_) and sid
+    assert {r["extra_info"]["user_id"] for r in trainer.train_dataset} == p_users
+    assert {r["extra_info"]["user_id"] for r in trainer.watch.rows} <= w_users
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(group_batch(trainer, sid[:2]))
+    assert (out["advantages"].abs() > 1e-6).any()
+
+
 def _run_config(world, out: Path) -> Path:
     cfg = world.root / "run.yaml"
     cfg.write_text(json.dumps(dict(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 from mimigenrec.eval.metrics import paired_bootstrap, per_row
@@ -29,13 +30,20 @@ def _rows(eval_dir: Path, method: str, metric: str) -> dict[str, float]:
 
 
 def compare(eval_dir: str | Path, base: str, new: str, metric: str = "ndcg@10", n_boot: int = 10000,
-            seed: int = 0) -> dict:
-    """``paired_bootstrap`` of ``metric`` for ``new`` against ``base`` over their common rows (which must be all)."""
+            seed: int = 0, users: Collection[int] | None = None) -> dict:
+    """``paired_bootstrap`` of ``metric`` for ``new`` against ``base`` over their common rows (which must be all),
+    or over the rows of ``users`` only."""
     a, b = _rows(Path(eval_dir), base, metric), _rows(Path(eval_dir), new, metric)
     if a.keys() != b.keys():
         raise BadInputError(f"{eval_dir}: {base} and {new} were scored on different rows "
                             f"({len(a)} vs {len(b)}, {len(a.keys() ^ b.keys())} differ): evaluate them in one call")
     keys = sorted(a)
+    if users is not None:   # row keys are "user:position"
+        wanted = {int(u) for u in users}
+        keys = [k for k in keys if int(k.split(":", 1)[0]) in wanted]
+        if not keys:
+            raise BadInputError(f"{eval_dir}: none of the {len(wanted)} users given has a row")
+        a, b = {k: a[k] for k in keys}, {k: b[k] for k in keys}
     out = paired_bootstrap([a[k] for k in keys], [b[k] for k in keys], n_boot=n_boot, seed=seed)
     return {"metric": metric, "base": base, "new": new, "base_mean": sum(a.values()) / len(a),
             "new_mean": sum(b.values()) / len(b), **out}

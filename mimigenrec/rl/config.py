@@ -37,6 +37,13 @@ class RLConfig(GRPOConfig):
                                         "policy than the one that drew them."})
     train_split: str = field(default="train", metadata={"help": "RL split trained on (O/rl/<split>.json)."})
     eval_split: str = field(default="valid", metadata={"help": "RL split of the held-out NDCG@10 watch."})
+    heldout_prompts: float = field(
+        default=0.0, metadata={"help": "0: train on train_split's rows. p in (0, 1): train instead on the prompts of a "
+                                       "seeded share p of eval_split's users with their labels removed, and let the "
+                                       "watch score only the other users' rows. For label-free rewards (teacher_kl, "
+                                       "teacher_gain, cf_logp): teachers trained on the train rows mostly repeat "
+                                       "them there, so a prompt none of them saw (a user's whole train history) is "
+                                       "where their generalisation, what distillation passes on, shows."})
     max_train_rows: int | None = field(
         default=None, metadata={"help": "Train on a seeded random subset of this many rows (None or 0 = all)."})
     rewards: list[str] = field(
@@ -95,6 +102,8 @@ class RLConfig(GRPOConfig):
         super().__post_init__()
         if self.rollout_mode not in ("sample", "beam"):
             raise BadInputError(f"rollout_mode must be 'sample' or 'beam', got {self.rollout_mode!r}")
+        if not 0.0 <= self.heldout_prompts < 1.0:
+            raise BadInputError(f"heldout_prompts must be in [0, 1), got {self.heldout_prompts}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
             raise BadInputError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards")
 

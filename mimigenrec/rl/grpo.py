@@ -52,7 +52,7 @@ from mimigenrec.decoding.beam_search import constrained_beam_search
 from mimigenrec.decoding.trie import ItemTrie, TrieLogitsProcessor
 from mimigenrec.prompts import ITEM_REF_RE, item_ref, sid_string, split_sid
 
-__all__ = ["AnswerSpace", "ConstrainedGRPOTrainer", "answer_kind"]
+__all__ = ["AnswerSpace", "ConstrainedGRPOTrainer", "answer_kind", "row_answer_kind", "without_label"]
 
 ROLLOUT_MODES = ("sample", "beam")
 
@@ -71,6 +71,21 @@ def answer_kind(ground_truth: Any) -> str | None:
 def _row_truth(row: Mapping[str, Any]) -> Any:
     rm = row.get("reward_model") or {}
     return rm.get("ground_truth") if isinstance(rm, Mapping) else None
+
+
+def row_answer_kind(row: Mapping[str, Any]) -> str | None:
+    """The kind of answer a row asks for: its ground truth's, or ``reward_model.answer_kind`` on a row
+    whose label was removed (:func:`without_label`)."""
+    rm = row.get("reward_model") or {}
+    return (rm.get("answer_kind") if isinstance(rm, Mapping) else None) or answer_kind(_row_truth(row))
+
+
+def without_label(row: Mapping[str, Any]) -> dict:
+    """A copy of an RL row that keeps its prompt, user and kind of answer, and drops every trace of
+    its target (``ground_truth``, ``extra_info.target``): a prompt for label-free rewards."""
+    info = {k: v for k, v in (row.get("extra_info") or {}).items() if k != "target"}
+    return {**row, "reward_model": {"style": "none", "ground_truth": None, "answer_kind": row_answer_kind(row)},
+            "extra_info": {**info, "target": None}}
 
 
 @dataclass
@@ -128,7 +143,7 @@ class AnswerSpace:
         """Every row's ground truth must be an answer of this space (its kind must be present)."""
         for i, row in enumerate(rows):
             gt = _row_truth(row)
-            kind = answer_kind(gt)
+            kind = row_answer_kind(row)
             if kind is None:
                 raise ValueError(f"{where} row {i}: ground truth {gt!r} is neither a SID nor [ITEM_n]; constrained "
                                  f"rollouts need item answers (set constrained: false for free-form tasks)")
@@ -139,7 +154,7 @@ class AnswerSpace:
 
     def allowed(self, rows: Sequence[Mapping[str, Any]]) -> torch.BoolTensor | None:
         """``[len(rows), num_items]`` allowed columns per row; None when every row may give any SID."""
-        kinds = [answer_kind(_row_truth(r)) for r in rows]
+        kinds = [row_answer_kind(r) for r in rows]
         if not self.has_refs and all(k == "sid" for k in kinds):
             return None
         mask = torch.zeros(len(rows), self.trie.num_items, dtype=torch.bool)

@@ -20,7 +20,9 @@ from typing import Any
 
 from mimigenrec.io import BadInputError, DataDir, read_json, read_jsonl
 
-__all__ = ["build_trainer", "load_rl_rows", "main", "run"]
+__all__ = ["HELDOUT_USERS", "build_trainer", "heldout_split", "load_rl_rows", "main", "run"]
+
+HELDOUT_USERS = "heldout_users.json"   # with heldout_prompts: the users whose prompts trained, and the watch's
 
 
 def load_rl_rows(path: str | Path) -> list[dict]:
@@ -57,6 +59,20 @@ def _subset(rows: list[dict], n: int | None, seed: int) -> list[dict]:
     return [rows[i] for i in idx]
 
 
+def heldout_split(rows: list[dict], share: float, seed: int, where: str) -> tuple[list[dict], list[dict]]:
+    """``(prompts, watch rows)``: the rows of a seeded ``share`` of the users, labels removed
+    (:func:`mimigenrec.rl.grpo.without_label`), and the other users' rows as they are."""
+    from mimigenrec.rl.grpo import without_label
+
+    no_user = [i for i, r in enumerate(rows) if "user_id" not in (r.get("extra_info") or {})]
+    if no_user:
+        raise BadInputError(f"{where}: row {no_user[0]} has no extra_info.user_id, which heldout_prompts splits by")
+    users = sorted({int(r["extra_info"]["user_id"]) for r in rows})
+    chosen = set(random.Random(seed).sample(users, max(1, min(len(users) - 1, round(share * len(users))))))
+    return ([without_label(r) for r in rows if int(r["extra_info"]["user_id"]) in chosen],
+            [r for r in rows if int(r["extra_info"]["user_id"]) not in chosen])
+
+
 def _item_ids(dd: DataDir, id2sid: dict | None) -> list[int]:
     if dd.items.is_file():
         return [int(r["item_id"]) for r in read_jsonl(dd.items)]
@@ -74,9 +90,9 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
     from datasets import Dataset
     from transformers import AutoConfig, AutoTokenizer
 
-    from mimigenrec.rl.grpo import AnswerSpace, ConstrainedGRPOTrainer, answer_kind
+    from mimigenrec.rl.grpo import AnswerSpace, ConstrainedGRPOTrainer, row_answer_kind
     from mimigenrec.rl.reward_watch import RewardWatch
-    from rewards import TEACHER_REWARDS, get_reward
+    from rewards import LABEL_FREE_REWARDS, TEACHER_REWARDS, get_reward
 
     if not cfg.model_name_or_path:
         raise BadInputError("model_name_or_path is required")
@@ -85,12 +101,28 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
     if not cfg.data_dir:
         raise BadInputError("data_dir is required")
     dd = DataDir(cfg.data_dir)
-    train_rows = _subset(load_rl_rows(dd.rl(cfg.train_split)), cfg.max_train_rows, cfg.seed)
-    if not train_rows:
-        raise BadInputError(f"{dd.rl(cfg.train_split)} holds no rows to train on")
+    heldout = None
+    train_src = dd.rl(cfg.eval_split if cfg.heldout_prompts else cfg.train_split)
     eval_rows: list[dict] = []
-    if cfg.eval_rows > 0 and dd.rl(cfg.eval_split).is_file():
-        eval_rows = _subset(load_rl_rows(dd.rl(cfg.eval_split)), cfg.eval_rows, cfg.seed)
+    if cfg.heldout_prompts:   # label-free prompts of some eval users; the watch scores the others
+        labelled = [r for r in cfg.rewards if r not in LABEL_FREE_REWARDS]
+        if labelled or cfg.inject_target:
+            what = f"reward {labelled[0]}" if labelled else "inject_target"
+            raise BadInputError(f"heldout_prompts trains on prompts whose labels are removed, but {what} needs "
+                                f"them: use the label-free rewards ({', '.join(LABEL_FREE_REWARDS)}) only")
+        train_rows, watch_rows = heldout_split(load_rl_rows(train_src), cfg.heldout_prompts, cfg.seed, str(train_src))
+        heldout = {"split": cfg.eval_split, "share": cfg.heldout_prompts, "seed": cfg.seed,
+                   "prompt_users": sorted({int(r["extra_info"]["user_id"]) for r in train_rows}),
+                   "watch_users": sorted({int(r["extra_info"]["user_id"]) for r in watch_rows})}
+        train_rows = _subset(train_rows, cfg.max_train_rows, cfg.seed)
+        if cfg.eval_rows > 0:
+            eval_rows = _subset(watch_rows, cfg.eval_rows, cfg.seed)
+    else:
+        train_rows = _subset(load_rl_rows(train_src), cfg.max_train_rows, cfg.seed)
+        if cfg.eval_rows > 0 and dd.rl(cfg.eval_split).is_file():
+            eval_rows = _subset(load_rl_rows(dd.rl(cfg.eval_split)), cfg.eval_rows, cfg.seed)
+    if not train_rows:
+        raise BadInputError(f"{train_src} holds no rows to train on")
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
@@ -100,17 +132,17 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
     tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
 
     # the answer space: every rollout's trie when constrained; else only the NDCG watch's (item answers)
-    watch_kinds = {answer_kind(r["reward_model"]["ground_truth"]) for r in eval_rows}
+    watch_kinds = {row_answer_kind(r) for r in eval_rows}
     space = None
     if cfg.constrained or (eval_rows and None not in watch_kinds):
-        kinds = watch_kinds | ({answer_kind(r["reward_model"]["ground_truth"]) for r in train_rows}
+        kinds = watch_kinds | ({row_answer_kind(r) for r in train_rows}
                                if cfg.constrained else set())
         id2sid = dd.load_id2sid() if "sid" in kinds else None
         refs = _item_ids(dd, id2sid) if "item" in kinds else None
         vocab = getattr(AutoConfig.from_pretrained(cfg.model_name_or_path), "vocab_size", None)
         space = AnswerSpace.build(tokenizer, id2sid, refs, vocab_size=vocab)
         if cfg.constrained:
-            space.check_rows(train_rows, str(dd.rl(cfg.train_split)))
+            space.check_rows(train_rows, str(train_src))
         space.check_rows(eval_rows, str(dd.rl(cfg.eval_split)))
 
     beam_only = [r for r in cfg.rewards if r in ("ndcg_rank", "ndcg_rank_hit", "listwise", *TEACHER_REWARDS)]
@@ -138,6 +170,7 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
         callbacks=list(callbacks), answer_space=space, rollout_mode=cfg.rollout_mode, constrained=cfg.constrained,
         inject_target=cfg.inject_target,
     )
+    trainer.heldout_users = heldout
     if eval_rows and space is not None:
         trainer.watch = RewardWatch(trainer, eval_rows, every=cfg.eval_every_steps, k=cfg.eval_k,
                                     num_beams=cfg.eval_num_beams, batch_size=cfg.per_device_eval_batch_size,
@@ -164,6 +197,8 @@ def run(cfg) -> Any:
     watch = getattr(trainer, "watch", None)
     selection = keep_best(watch, trainer.state.global_step) if watch is not None else None
     if trainer.accelerator.is_main_process:
+        if trainer.heldout_users is not None:   # which users' prompts trained, which the watch scored
+            Path(cfg.output_dir, HELDOUT_USERS).write_text(json.dumps(trainer.heldout_users) + "\n")
         summary = {"output_dir": cfg.output_dir, "global_step": trainer.state.global_step,
                    "selected_step": None if selection is None else selection["selected_step"],
                    "reward_history": trainer.reward_history[-5:]}
