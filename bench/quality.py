@@ -11,21 +11,25 @@ figures are what a user gets:
 
 1. ``python -m preprocess all ... --tasks sid_seq --sid_method rqvae`` (RQ-VAE SIDs: the best of the four
    methods on valid, README; leave-one-out);
-2. ``python -m mimigenrec.models.backbones tiny`` (random Qwen2, 4 layers x 128, one token per fixed
-   prompt phrase);
+2. ``python -m mimigenrec.models.backbones tiny`` (random GPT-NeoX, 4 layers x 128, dropout 0.2 on the
+   embeddings, attention and residual branches; a byte-level vocabulary with one token per fixed prompt
+   phrase, chat role and history separator);
 3. ``bash sft.sh examples/sft/tiny_full.yaml`` (stock LLaMA-Factory, the answer trained, rows of
-   similar length batched together, one checkpoint per epoch), once per seed (``--sft_seeds``, 2);
+   similar length batched together, 40 epochs, one checkpoint per epoch), once per seed (``--sft_seeds``, 2,
+   side by side);
 4. ``python -m mimigenrec.eval.select_checkpoint`` (the epoch and seed with the best valid NDCG@10); with two
    or more seeds the ``tiny_sft_ens`` row ranks by the mean log-prob of the kept model and the other
    seeds' own best checkpoints (``mimigenrec.models.ensemble``; no training, twice the inference);
 5. ``bash trl_trainer.sh examples/rl/tiny_teacher.yaml`` (GRPO, 16 constrained beams per prompt, 1,200
-   steps, the ``teacher_kl`` reward with the SFT seeds' kept checkpoints as teachers: on-policy
-   distillation of their ensemble; the watch on up to 5,000 valid rows keeps a later step only when it
-   beats step 0 by 2 s.e. of valid NDCG@10, else the SFT weights); ``--grpo_reward cf_rank`` runs the
-   previous default, ``examples/rl/tiny_beam.yaml``;
+   steps, ``teacher_kl + 0.5 cf_logp``: on-policy distillation of the SFT seeds' ensemble x SASRec^0.5,
+   no label read, on the valid prompts of half the users with their labels removed; the watch on the
+   other half's valid rows keeps a later step only when it beats step 0 by 2 s.e. of NDCG@10, else the
+   SFT weights); ``--grpo_heldout 0`` trains on the train rows instead, ``--grpo_reward cf_rank`` runs
+   an older default, ``examples/rl/tiny_beam.yaml``;
 6. ONE ``bash evaluate.sh`` call with every model beside ``--baseline popularity --baseline
    sasrec`` on the full test split;
-7. ``mimigenrec.eval.compare``: paired bootstrap 95% intervals (GRPO vs SFT, LLMs vs SASRec, ensemble vs SFT).
+7. ``mimigenrec.eval.compare``: paired bootstrap 95% intervals (GRPO vs SFT, LLMs vs SASRec, ensemble vs SFT;
+   GRPO vs SFT also over the users whose valid prompts GRPO trained on and over the others apart).
 
 With ``--smollm2`` a second evaluate call scores every method again on a seeded subset of
 ``--smollm2_eval_rows`` test rows (SmolLM2 beam search is slow on CPU), a separate table.
@@ -79,7 +83,9 @@ DATASETS = {
 }
 SID_CF_WEIGHT = 0.0   # text-only SIDs
 SID_CODEBOOK = 256    # codes per SID level (preprocess --codebook_size)
-TINY_ARCH, TINY_DROPOUT = "qwen2", 0.0   # the tiny backbone (README: the dropout ablation)
+# the tiny backbone: a GPT-NeoX whose dropout also covers the embeddings and residual branches, as
+# SASRec's does, trained long (README: the dropout and epoch ablations)
+TINY_ARCH, TINY_DROPOUT, SFT_EPOCHS = "gpt_neox", 0.2, 40
 # its BPE vocabulary: the SID tasks' rows hold no free text (every prompt phrase, chat role, separator and
 # SID is a token of its own), so merges would only widen the output layer that every position pays for
 TINY_VOCAB = 256
@@ -95,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--raw_dir", help="folder of an Amazon-2018 category's raw files (with --category)")
     a("--category", help="Amazon-2018 category name, e.g. Office_Products (with --raw_dir)")
     a("--name", help="name of the outputs quality_<name>.md/.json (default: the dataset or category)")
-    a("--sft_epochs", type=float, default=8, help="SFT epochs of the tiny model, one checkpoint each (default: %(default)s)")
+    a("--sft_epochs", type=float, default=SFT_EPOCHS,
+      help="SFT epochs of the tiny model, one checkpoint each (the last 20 kept for selection; default: %(default)s)")
     a("--sft_steps", type=int, default=0, help="SFT optimizer steps instead of epochs (0 = use --sft_epochs)")
     a("--sft_lr", type=float, default=3e-3, help="SFT peak learning rate (default: %(default)s)")
     a("--sft_seeds", type=int, default=2,
@@ -110,12 +117,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--grpo_eval_rows", type=int, default=5000,
       help="valid rows of the GRPO watch that keeps a step only when it beats step 0 by 2 s.e. (all when fewer; "
            "default: %(default)s)")
-    a("--grpo_reward", choices=("teacher_kl+cf_logp", "teacher_kl", "teacher_gain", "cf_rank"), default="teacher_kl",
-      help="GRPO reward: teacher_kl / teacher_gain (examples/rl/tiny_teacher.yaml: the SFT seeds' kept checkpoints as "
-           "teachers, needs --sft_seeds >= 2), teacher_kl+cf_logp (the same with SASRec's log-prob of the beam added, "
-           "weight 1: distillation of the seeds x SASRec product of experts) or cf_rank (examples/rl/tiny_beam.yaml: "
-           "SASRec's rank of a wrong beam, the target injected; the default before); default: %(default)s")
-    a("--grpo_cf_weight", type=float, default=1.0,
+    a("--grpo_reward", choices=("teacher_kl+cf_logp", "teacher_kl", "teacher_gain", "cf_rank"),
+      default="teacher_kl+cf_logp",
+      help="GRPO reward: teacher_kl+cf_logp (examples/rl/tiny_teacher.yaml: the SFT seeds' kept checkpoints as "
+           "teachers, needs --sft_seeds >= 2, and SASRec's log-prob of the beam added with --grpo_cf_weight: "
+           "distillation of the seeds x SASRec product of experts), teacher_kl / teacher_gain (the seeds alone) or "
+           "cf_rank (examples/rl/tiny_beam.yaml: SASRec's rank of a wrong beam, the target injected; needs "
+           "--grpo_heldout 0); default: %(default)s")
+    a("--grpo_heldout", type=float, default=0.5,
+      help="share of the users whose valid prompts, labels removed, are GRPO's prompts; the watch scores the other "
+           "users' valid rows (RL config heldout_prompts; 0 = train on the train rows and watch every valid row; "
+           "default: %(default)s)")
+    a("--grpo_cf_weight", type=float, default=0.5,
       help="weight of cf_logp beside teacher_kl's 1 in --grpo_reward teacher_kl+cf_logp: the product of experts "
            "p_teachers * p_SASRec^W that GRPO distils (default: %(default)s)")
     a("--tiny_hidden", type=int, default=128, help="width of the tiny random Qwen2 (default: %(default)s)")
@@ -159,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sft_seeds < 1:
         p.error("--sft_seeds: at least 1")
+    if args.grpo_steps > 0 and args.grpo_reward == "cf_rank" and args.grpo_heldout:
+        p.error("--grpo_reward cf_rank reads the labels that --grpo_heldout removes: add --grpo_heldout 0")
     if args.grpo_steps > 0 and args.grpo_reward.startswith("teacher") and args.sft_seeds < 2:
         p.error(f"--grpo_reward {args.grpo_reward}: the teachers are the SFT seeds' kept checkpoints; use --sft_seeds 2 or more")
     if bool(args.raw_dir) != bool(args.category):
@@ -325,6 +340,7 @@ def pipeline(a: argparse.Namespace) -> dict:
     import torch  # the venv's torch: decides the device the same way evaluate --device auto does
 
     from mimigenrec.eval.compare import compare
+    from mimigenrec.rl.train_grpo import HELDOUT_USERS
 
     cuda = torch.cuda.is_available()
     spec = dataset_spec(a)
@@ -392,7 +408,8 @@ def pipeline(a: argparse.Namespace) -> dict:
         r.run("grpo_tiny", ["bash", "trl_trainer.sh", rl_yaml,
                             f"model_name_or_path={models / 'tiny_sft'}", f"data_dir={data}",
                             f"output_dir={models / 'tiny_grpo'}", f"max_steps={a.grpo_steps}",
-                            f"eval_every_steps={a.grpo_eval_every}", f"eval_rows={a.grpo_eval_rows}", *reward,
+                            f"eval_every_steps={a.grpo_eval_every}", f"eval_rows={a.grpo_eval_rows}",
+                            f"heldout_prompts={a.grpo_heldout:g}", *reward,
                             *([f"learning_rate={a.grpo_lr:g}"] if a.grpo_lr else []),
                             *(["bf16=true", "use_cpu=false"] if cuda else [])], env=grpo_env,
                   after=("preprocess", "sft_tiny", "select_sft"), fresh=ROOT / models / "tiny_grpo")
@@ -424,6 +441,13 @@ def pipeline(a: argparse.Namespace) -> dict:
     metrics, main_dir = evaluate("main", main_names, a.eval_rows)
     intervals = {f"{new} vs {base}": {m: compare(main_dir, base, new, m, seed=a.seed) for m in ("ndcg@10", "hr@10")}
                  for base, new in COMPARISONS if base in metrics and new in metrics}
+    # GRPO on held-out prompts: its test change over the users whose valid prompts it trained on, and the others
+    heldout = read_json(ROOT / models / "tiny_grpo" / HELDOUT_USERS) if "tiny_grpo" in metrics else {}
+    for part, label in (("prompt_users", "GRPO-prompt users"), ("watch_users", "watch users")):
+        if heldout.get(part):
+            intervals[f"tiny_grpo vs tiny_sft ({label})"] = {
+                m: compare(main_dir, "tiny_sft", "tiny_grpo", m, seed=a.seed, users=heldout[part])
+                for m in ("ndcg@10", "hr@10")}
     tables = {"main": {"rows": a.eval_rows, "metrics": metrics, "intervals": intervals}}
     if a.smollm2:
         llms["smollm2_sft"] = models / "smollm2_sft"
@@ -435,7 +459,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "device": f"cuda ({torch.cuda.get_device_name(0)}), bf16" if cuda else
         f"cpu (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores visible)",
         "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_lr", "sft_seeds", "select_rows", "grpo_steps",
-                                                 "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_reward", "grpo_cf_weight", "tiny_hidden", "tiny_layers", "tiny_vocab",
+                                                 "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_heldout", "grpo_reward", "grpo_cf_weight", "tiny_hidden", "tiny_layers", "tiny_vocab",
                                                  "tiny_arch", "tiny_dropout",
                                                  "sid_method", "sid_cf_weight", "sid_codebook", "history_items", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
         | ({"smollm2_sft_steps": a.smollm2_sft_steps, "smollm2_eval_rows": a.smollm2_eval_rows} if a.smollm2 else {}),
@@ -504,7 +528,10 @@ def training_lines(res: dict) -> list[str]:
         return out + ["", "No GRPO stage (--grpo_steps 0).", ""]
     sel = grpo.get("selection") or {}
     z = grpo.get("frac_reward_zero_std")
-    out += ["", f"GRPO {s['grpo_steps']} steps; zero-variance groups {fmt_num(z * 100 if z is not None else None, 1)}%; "
+    share = s.get("grpo_heldout")
+    prompts = (f"prompts: the valid prompts of {share:.0%} of the users, labels removed; the watch: the other users' "
+               "valid rows" if share else "prompts: the train rows; the watch: the valid rows")
+    out += ["", f"GRPO {s['grpo_steps']} steps ({prompts}); zero-variance groups {fmt_num(z * 100 if z is not None else None, 1)}%; "
             f"kept step {sel.get('selected_step')} of {sel.get('final_step')} by valid NDCG@10 "
             f"({sel.get('eval_rows')} rows):", "",
             "| step | mean train reward | valid NDCG@10 | s.e. | change vs step 0 | s.e. | valid HR@10 | change vs step 0 | s.e. |",

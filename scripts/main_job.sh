@@ -30,7 +30,7 @@ python -m preprocess all --source amazon18 --raw_dir "$RAW" --category "$NAME" \
 step "2/6 tiny backbone (4 layers x 128, from scratch) -> $RUNS/models/tiny"
 rm -rf "$RUNS/models/tiny" "$RUNS/sft" "$RUNS/grpo"
 python -m mimigenrec.models.backbones tiny --out "$RUNS/models/tiny" --data_dir "$O" --hidden_size 128 --num_layers 4 \
-  --embed_std 0.02 --add_sid_tokens
+  --vocab_size 256 --embed_std 0.02 --add_sid_tokens
 
 step "3/6 SFT (llamafactory-cli, one checkpoint per epoch) -> $RUNS/sft"
 bash sft.sh examples/sft/tiny_full.yaml model_name_or_path="$RUNS/models/tiny" output_dir="$RUNS/sft" \
@@ -40,9 +40,13 @@ bash sft.sh examples/sft/tiny_full.yaml model_name_or_path="$RUNS/models/tiny" o
 step "4/6 keep the SFT epoch with the best valid NDCG@10 -> $RUNS/sft"
 python -m mimigenrec.eval.select_checkpoint --data_dir "$O" --run_dir "$RUNS/sft" --max_rows "$SELECT_ROWS"
 
-step "5/6 GRPO (TRL, 16 constrained beams per prompt, a step kept only if it beats step 0 by 2 s.e. on valid) -> $RUNS/grpo"
-bash trl_trainer.sh examples/rl/tiny_beam.yaml model_name_or_path="$RUNS/sft" data_dir="$O" \
-  output_dir="$RUNS/grpo" max_steps="${GRPO_STEPS:-100}" eval_every_steps=25 eval_rows="$SELECT_ROWS"
+# the recipe's GRPO with the one SFT model as its own teacher: teacher_kl is then a KL anchor to SFT, and
+# 0.5 cf_logp distils SASRec into it, on half the users' valid prompts (labels removed); the watch scores
+# the other half's valid rows
+step "5/6 GRPO (TRL, 16 constrained beams per prompt, label-free prompts, a step kept only if it beats step 0 by 2 s.e. on held-out users) -> $RUNS/grpo"
+bash trl_trainer.sh examples/rl/tiny_teacher.yaml model_name_or_path="$RUNS/sft" data_dir="$O" \
+  output_dir="$RUNS/grpo" max_steps="${GRPO_STEPS:-100}" eval_every_steps=25 eval_rows="$SELECT_ROWS" \
+  "teachers=[$RUNS/sft]"
 
 step "6/6 evaluate on test -> $RUNS/eval"
 bash evaluate.sh --data_dir "$O" --split test --model sft="$RUNS/sft" --model grpo="$RUNS/grpo" \

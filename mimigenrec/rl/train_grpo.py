@@ -82,6 +82,8 @@ def _item_ids(dd: DataDir, id2sid: dict | None) -> list[int]:
 def build_trainer(cfg, callbacks: Sequence[Any] = ()):
     """Tokenizer, answer space, datasets, rewards, LoRA -> a ready :class:`ConstrainedGRPOTrainer`."""
     if cfg.trainer == "recpo":  # the item-head GRPO stage (R2ec's RecPO)
+        if cfg.heldout_prompts:
+            raise BadInputError("heldout_prompts applies to trainer: grpo (RecPO's rewards read the labels)")
         from mimigenrec.rl.recpo import build_recpo_trainer
 
         return build_recpo_trainer(cfg, callbacks)
@@ -197,8 +199,9 @@ def run(cfg) -> Any:
     watch = getattr(trainer, "watch", None)
     selection = keep_best(watch, trainer.state.global_step) if watch is not None else None
     if trainer.accelerator.is_main_process:
-        if trainer.heldout_users is not None:   # which users' prompts trained, which the watch scored
-            Path(cfg.output_dir, HELDOUT_USERS).write_text(json.dumps(trainer.heldout_users) + "\n")
+        heldout = getattr(trainer, "heldout_users", None)   # the GRPO trainer's, with heldout_prompts
+        if heldout is not None:   # which users' prompts trained, which the watch scored
+            Path(cfg.output_dir, HELDOUT_USERS).write_text(json.dumps(heldout) + "\n")
         summary = {"output_dir": cfg.output_dir, "global_step": trainer.state.global_step,
                    "selected_step": None if selection is None else selection["selected_step"],
                    "reward_history": trainer.reward_history[-5:]}
