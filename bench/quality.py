@@ -4,7 +4,7 @@ time per stage.
 
 ``python bench/quality.py --dataset amazon|ml100k`` or ``--raw_dir DIR --category NAME`` (any
 Amazon-2018 category: ``<NAME>_5.json[.gz]`` / ``<NAME>.json[.gz]`` + ``meta_<NAME>.json[.gz]``),
-``[--sft_epochs E] [--grpo_steps M] [--eval_rows R] [--smollm2 ...] [--reuse] [--out bench/results]``.
+``[--sft_epochs E] [--sft_max_steps S] [--grpo_steps M] [--eval_rows R] [--smollm2 ...] [--reuse] [--out bench/results]``.
 
 The default recipe, every stage through the project's public commands as subprocesses, so the
 figures are what a user gets:
@@ -16,7 +16,8 @@ figures are what a user gets:
    phrase, chat role and history separator);
 3. ``bash sft.sh examples/sft/tiny_full.yaml`` (stock LLaMA-Factory, the answer trained, rows of
    similar length batched together, 40 epochs, one checkpoint per epoch), once per seed (``--sft_seeds``, 2,
-   side by side);
+   side by side); a category with more training rows than the bundled one trains the same 8,080 steps
+   (``--sft_max_steps``) as fewer epochs, so that the run stays inside its time budget;
 4. ``python -m mimigenrec.eval.select_checkpoint`` (the epoch and seed with the best valid NDCG@10); with two
    or more seeds the ``tiny_sft_ens`` row ranks by the mean log-prob of the kept model and the other
    seeds' own best checkpoints (``mimigenrec.models.ensemble``; no training, twice the inference);
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -86,6 +88,9 @@ SID_CODEBOOK = 256    # codes per SID level (preprocess --codebook_size)
 # the tiny backbone: a GPT-NeoX whose dropout also covers the embeddings and residual branches, as
 # SASRec's does, trained long (README: the dropout and epoch ablations)
 TINY_ARCH, TINY_DROPOUT, SFT_EPOCHS = "gpt_neox", 0.2, 40
+# the SFT's step budget: those 40 epochs on the bundled data (12,888 rows, 202 steps of 64 an epoch), which is
+# what the 75-minute run on 2 cores affords; a bigger category gets the same steps as fewer epochs
+SFT_MAX_STEPS, SFT_BATCH = 8080, 64
 # its BPE vocabulary: the SID tasks' rows hold no free text (every prompt phrase, chat role, separator and
 # SID is a token of its own), so merges would only widen the output layer that every position pays for
 TINY_VOCAB = 256
@@ -104,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--sft_epochs", type=float, default=SFT_EPOCHS,
       help="SFT epochs of the tiny model, one checkpoint each (the last 20 kept for selection; default: %(default)s)")
     a("--sft_steps", type=int, default=0, help="SFT optimizer steps instead of epochs (0 = use --sft_epochs)")
+    a("--sft_max_steps", type=int, default=SFT_MAX_STEPS,
+      help="cap on --sft_epochs in optimizer steps (batch 64): a category with more training rows than the bundled "
+           "one trains fewer epochs, so the run keeps the 75-minute budget (0 = no cap; default: %(default)s = 40 "
+           "epochs of the bundled data)")
     a("--sft_lr", type=float, default=3e-3, help="SFT peak learning rate (default: %(default)s)")
     a("--sft_seeds", type=int, default=2,
       help="SFT runs with seeds seed, seed+1, ... (data order); the best epoch of all of them on valid is kept: "
@@ -207,6 +216,21 @@ def dataset_spec(a: argparse.Namespace) -> dict:
                                                         if a.sid_cf_weight else " of text embeddings") \
             + (f", {a.sid_codebook} codes per level" if a.sid_codebook != SID_CODEBOOK else "")
     return spec
+
+
+def sft_steps(a: argparse.Namespace, data: Path, name: str) -> int:
+    """The SFT's optimizer steps when they are fixed: --sft_steps, or --sft_max_steps where --sft_epochs of the
+    training rows would take more; 0 = train --sft_epochs."""
+    if a.sft_steps or not a.sft_max_steps:
+        return a.sft_steps
+    info = read_json(ROOT / data / "dataset_info.json")[f"{name}_sft_train"]
+    rows = len(read_json(ROOT / data / info["file_name"]))
+    steps = math.ceil(a.sft_epochs * math.ceil(rows / SFT_BATCH))
+    if steps > a.sft_max_steps:
+        print(f"[quality] SFT: {a.sft_epochs:g} epochs of {rows} rows would be {steps} steps; capped at "
+              f"--sft_max_steps {a.sft_max_steps} ({a.sft_max_steps / math.ceil(rows / SFT_BATCH):.1f} epochs)")
+        return a.sft_max_steps
+    return 0
 
 
 class Runner:
@@ -370,7 +394,8 @@ def pipeline(a: argparse.Namespace) -> dict:
     sft_common = [f"dataset={spec['name']}_sft_train", f"eval_dataset={spec['name']}_sft_valid",
                   f"dataset_dir={data}", "report_to=none"]
     gpu_train = ["bf16=true"] if cuda else []
-    length = [f"max_steps={a.sft_steps}"] if a.sft_steps else [f"num_train_epochs={a.sft_epochs:g}"]
+    steps = sft_steps(a, data, spec["name"])
+    length = [f"max_steps={steps}"] if steps else [f"num_train_epochs={a.sft_epochs:g}"]
     # one SFT run per seed (data order; the backbone is the same), side by side on shared cores; every
     # epoch of every run is scored on the same valid rows, the best copied over models/tiny_sft
     sft_runs: dict[str, Path] = {}
@@ -458,7 +483,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "dataset": spec["name"], "label": spec["label"], "protocol": PROTOCOL,
         "device": f"cuda ({torch.cuda.get_device_name(0)}), bf16" if cuda else
         f"cpu (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores visible)",
-        "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_lr", "sft_seeds", "select_rows", "grpo_steps",
+        "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_max_steps", "sft_lr", "sft_seeds", "select_rows", "grpo_steps",
                                                  "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_heldout", "grpo_reward", "grpo_cf_weight", "tiny_hidden", "tiny_layers", "tiny_vocab",
                                                  "tiny_arch", "tiny_dropout",
                                                  "sid_method", "sid_cf_weight", "sid_codebook", "history_items", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}

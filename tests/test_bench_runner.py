@@ -44,3 +44,17 @@ def test_a_failing_side_by_side_stage_stops_the_run_with_its_log(quality, tmp_pa
         r.run_many([_job("ok", tmp_path / "ok.txt"), bad])
     assert "bad failed (exit 3)" in str(e.value) and "the reason" in str(e.value)
     assert (tmp_path / "ok.txt").is_file() and not (tmp_path / "work" / "stages" / "bad.json").exists()
+
+
+def test_sft_epochs_are_capped_by_the_step_budget_on_a_bigger_category(quality, tmp_path):
+    data = tmp_path / "data"
+    (data / "sft").mkdir(parents=True)
+    (data / "dataset_info.json").write_text(json.dumps({"cat_sft_train": {"file_name": "sft/train.json"}}))
+    for rows, want in ((12888, 0), (40000, quality.SFT_MAX_STEPS)):  # the bundled size trains its epochs
+        (data / "sft" / "train.json").write_text(json.dumps([{}] * rows))
+        a = quality.parse_args(["--raw_dir", str(tmp_path), "--category", "cat"])
+        assert quality.sft_steps(a, data, "cat") == want
+    a = quality.parse_args(["--raw_dir", str(tmp_path), "--category", "cat", "--sft_epochs", "2"])
+    assert quality.sft_steps(a, data, "cat") == 0          # 2 epochs of 40,000 rows fit the budget
+    a = quality.parse_args(["--raw_dir", str(tmp_path), "--category", "cat", "--sft_steps", "7"])
+    assert quality.sft_steps(a, data, "cat") == 7
