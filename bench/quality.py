@@ -88,9 +88,10 @@ SID_CODEBOOK = 256    # codes per SID level (preprocess --codebook_size)
 # the tiny backbone: a GPT-NeoX whose dropout also covers the embeddings and residual branches, as
 # SASRec's does, trained long (README: the dropout and epoch ablations)
 TINY_ARCH, TINY_DROPOUT, SFT_EPOCHS = "gpt_neox", 0.2, 40
+SFT_YAML = "examples/sft/tiny_full.yaml"
 # the SFT's step budget: those 40 epochs on the bundled data (12,888 rows, 202 steps of 64 an epoch), which is
 # what the 75-minute run on 2 cores affords; a bigger category gets the same steps as fewer epochs
-SFT_MAX_STEPS, SFT_BATCH = 8080, 64
+SFT_MAX_STEPS = 8080
 # its BPE vocabulary: the SID tasks' rows hold no free text (every prompt phrase, chat role, separator and
 # SID is a token of its own), so merges would only widen the output layer that every position pays for
 TINY_VOCAB = 256
@@ -110,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="SFT epochs of the tiny model, one checkpoint each (the last 20 kept for selection; default: %(default)s)")
     a("--sft_steps", type=int, default=0, help="SFT optimizer steps instead of epochs (0 = use --sft_epochs)")
     a("--sft_max_steps", type=int, default=SFT_MAX_STEPS,
-      help="cap on --sft_epochs in optimizer steps (batch 64): a category with more training rows than the bundled "
+      help="cap on --sft_epochs in optimizer steps (the SFT yaml's batch, 64): a category with more training rows than the bundled "
            "one trains fewer epochs, so the run keeps the 75-minute budget (0 = no cap; default: %(default)s = 40 "
            "epochs of the bundled data)")
     a("--sft_lr", type=float, default=3e-3, help="SFT peak learning rate (default: %(default)s)")
@@ -223,12 +224,17 @@ def sft_steps(a: argparse.Namespace, data: Path, name: str) -> int:
     training rows would take more; 0 = train --sft_epochs."""
     if a.sft_steps or not a.sft_max_steps:
         return a.sft_steps
+    from mimigenrec.yaml_config import read_yaml_mapping
+
+    cfg = read_yaml_mapping(ROOT / SFT_YAML)
+    batch = cfg["per_device_train_batch_size"] * cfg.get("gradient_accumulation_steps", 1)
     info = read_json(ROOT / data / "dataset_info.json")[f"{name}_sft_train"]
     rows = len(read_json(ROOT / data / info["file_name"]))
-    steps = math.ceil(a.sft_epochs * math.ceil(rows / SFT_BATCH))
+    per_epoch = math.ceil(rows / batch)
+    steps = math.ceil(a.sft_epochs * per_epoch)
     if steps > a.sft_max_steps:
         print(f"[quality] SFT: {a.sft_epochs:g} epochs of {rows} rows would be {steps} steps; capped at "
-              f"--sft_max_steps {a.sft_max_steps} ({a.sft_max_steps / math.ceil(rows / SFT_BATCH):.1f} epochs)")
+              f"--sft_max_steps {a.sft_max_steps} ({a.sft_max_steps / per_epoch:.1f} epochs)")
         return a.sft_max_steps
     return 0
 
@@ -404,7 +410,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         stage, out = ("sft_tiny", models / "tiny_sft") if seed == a.seed else \
             (f"sft_tiny_seed{seed}", models / f"tiny_sft_seed{seed}")
         sft_runs[stage] = out
-        sft_jobs.append((stage, ["bash", "sft.sh", "examples/sft/tiny_full.yaml", f"model_name_or_path={models / 'tiny'}",
+        sft_jobs.append((stage, ["bash", "sft.sh", SFT_YAML, f"model_name_or_path={models / 'tiny'}",
                                  f"output_dir={out}", *length, f"learning_rate={a.sft_lr:g}", f"seed={seed}",
                                  *sft_common, *gpu_train], None, ("preprocess", "backbone"), ROOT / out))
     r.run_many(sft_jobs)
