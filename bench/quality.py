@@ -30,7 +30,9 @@ figures are what a user gets:
 6. ONE ``bash evaluate.sh`` call with every model beside ``--baseline popularity --baseline
    sasrec`` on the full test split;
 7. ``mimigenrec.eval.compare``: paired bootstrap 95% intervals (GRPO vs SFT, LLMs vs SASRec, ensemble vs SFT;
-   GRPO vs SFT also over the users whose valid prompts GRPO trained on and over the others apart).
+   GRPO vs SFT also over the users whose valid prompts GRPO trained on and over the others apart);
+8. ``mimigenrec.eval.strata``: every method on the repeat rows (target among the user's earlier items) and on
+   four target-popularity groups of the other rows, with the mean popularity of its top 10.
 
 With ``--smollm2`` a second evaluate call scores every method again on a seeded subset of
 ``--smollm2_eval_rows`` test rows (SmolLM2 beam search is slow on CPU), a separate table.
@@ -370,6 +372,7 @@ def pipeline(a: argparse.Namespace) -> dict:
     import torch  # the venv's torch: decides the device the same way evaluate --device auto does
 
     from mimigenrec.eval.compare import compare
+    from mimigenrec.eval.strata import strata
     from mimigenrec.rl.train_grpo import HELDOUT_USERS
 
     cuda = torch.cuda.is_available()
@@ -479,7 +482,8 @@ def pipeline(a: argparse.Namespace) -> dict:
             intervals[f"tiny_grpo vs tiny_sft ({label})"] = {
                 m: compare(main_dir, "tiny_sft", "tiny_grpo", m, seed=a.seed, users=heldout[part])
                 for m in ("ndcg@10", "hr@10")}
-    tables = {"main": {"rows": a.eval_rows, "metrics": metrics, "intervals": intervals}}
+    # where each method wins and loses: the repeat rows and the target-popularity groups of the others
+    tables = {"main": {"rows": a.eval_rows, "metrics": metrics, "intervals": intervals, "strata": strata(main_dir)}}
     if a.smollm2:
         llms["smollm2_sft"] = models / "smollm2_sft"
         sm, _ = evaluate("smollm2", list(llms), a.smollm2_eval_rows)
@@ -576,6 +580,8 @@ def training_lines(res: dict) -> list[str]:
 
 
 def render(res: dict) -> str:
+    from mimigenrec.eval.strata import strata_table
+
     s = res["settings"]
     out = [f"# Quality: {res['label']}", "",
            f"Protocol: {res['protocol']}.", "",
@@ -594,6 +600,9 @@ def render(res: dict) -> str:
         out += ["", metrics_table(t["metrics"]), "", verdict(t["metrics"]), ""]
         if t.get("intervals"):
             out += [intervals_table(t["intervals"]), ""]
+        if t.get("strata"):
+            out += ["### By target: repeats, then popularity groups of about equal size (`mimigenrec.eval.strata`)",
+                    "", strata_table(t["strata"]), ""]
     out += ["## Wall time per stage", "", "| stage | seconds | note |", "|---|---|---|"]
     notes = res.get("stage_notes", {})
     out += [f"| {k} | {v:.0f} | {notes.get(k, '')} |" for k, v in res["stage_seconds"].items()]
