@@ -97,6 +97,8 @@ SFT_MAX_STEPS = 8080
 # its BPE vocabulary: the SID tasks' rows hold no free text (every prompt phrase, chat role, separator and
 # SID is a token of its own), so merges would only widen the output layer that every position pays for
 TINY_VOCAB = 256
+# GRPO: how many of a group's beams SASRec proposes (README: the tail the policy's beams never reach)
+GRPO_PROPOSE_CF = 0
 LLM_METHODS = ("tiny_sft", "tiny_sft_ens", "tiny_grpo", "smollm2_sft")
 COMPARISONS = (("tiny_sft", "tiny_grpo"), ("sasrec", "tiny_sft"), ("sasrec", "tiny_grpo"), ("sasrec", "tiny_sft_ens"),
                ("tiny_sft", "tiny_sft_ens"))
@@ -143,6 +145,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--grpo_cf_weight", type=float, default=0.5,
       help="weight of cf_logp beside teacher_kl's 1 in --grpo_reward teacher_kl+cf_logp: the product of experts "
            "p_teachers * p_SASRec^W that GRPO distils (default: %(default)s)")
+    a("--grpo_propose_cf", type=int, default=GRPO_PROPOSE_CF,
+      help="beam rollouts: the last N of each group's 16 beams give way to the items SASRec (cf_logp's, no valid "
+           "label seen) ranks highest among those the other beams miss (RL config propose_cf; 0 = the policy's "
+           "beams only; default: %(default)s)")
     a("--tiny_hidden", type=int, default=128, help="width of the tiny random Qwen2 (default: %(default)s)")
     a("--tiny_layers", type=int, default=4, help="layers of the tiny random Qwen2 (default: %(default)s)")
     a("--tiny_vocab", type=int, default=TINY_VOCAB,
@@ -184,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.sft_seeds < 1:
         p.error("--sft_seeds: at least 1")
+    if args.grpo_propose_cf and args.grpo_reward == "cf_rank":
+        p.error("--grpo_propose_cf replaces beams, as cf_rank's target injection does: use one or the other")
     if args.grpo_steps > 0 and args.grpo_reward == "cf_rank" and args.grpo_heldout:
         p.error("--grpo_reward cf_rank reads the labels that --grpo_heldout removes: add --grpo_heldout 0")
     if args.grpo_steps > 0 and args.grpo_reward.startswith("teacher") and args.sft_seeds < 2:
@@ -444,6 +452,7 @@ def pipeline(a: argparse.Namespace) -> dict:
                             f"output_dir={models / 'tiny_grpo'}", f"max_steps={a.grpo_steps}",
                             f"eval_every_steps={a.grpo_eval_every}", f"eval_rows={a.grpo_eval_rows}",
                             f"heldout_prompts={a.grpo_heldout:g}", *reward,
+                            *([f"propose_cf={a.grpo_propose_cf}"] if a.grpo_propose_cf else []),
                             *([f"learning_rate={a.grpo_lr:g}"] if a.grpo_lr else []),
                             *(["bf16=true", "use_cpu=false"] if cuda else [])], env=grpo_env,
                   after=("preprocess", "sft_tiny", "select_sft"), fresh=ROOT / models / "tiny_grpo")
@@ -494,7 +503,7 @@ def pipeline(a: argparse.Namespace) -> dict:
         "device": f"cuda ({torch.cuda.get_device_name(0)}), bf16" if cuda else
         f"cpu (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {os.cpu_count()} cores visible)",
         "settings": {k: getattr(a, k) for k in ("sft_epochs", "sft_steps", "sft_max_steps", "sft_lr", "sft_seeds", "select_rows", "grpo_steps",
-                                                 "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_heldout", "grpo_reward", "grpo_cf_weight", "tiny_hidden", "tiny_layers", "tiny_vocab",
+                                                 "grpo_lr", "grpo_eval_every", "grpo_eval_rows", "grpo_heldout", "grpo_reward", "grpo_cf_weight", "grpo_propose_cf", "tiny_hidden", "tiny_layers", "tiny_vocab",
                                                  "tiny_arch", "tiny_dropout",
                                                  "sid_method", "sid_cf_weight", "sid_codebook", "history_items", "sid_init", "eval_rows", "extra_model", "smollm2", "seed")}
         | ({"smollm2_sft_steps": a.smollm2_sft_steps, "smollm2_eval_rows": a.smollm2_eval_rows} if a.smollm2 else {}),
@@ -566,6 +575,8 @@ def training_lines(res: dict) -> list[str]:
     share = s.get("grpo_heldout")
     prompts = (f"prompts: the valid prompts of {share:.0%} of the users, labels removed; the watch: the other users' "
                "valid rows" if share else "prompts: the train rows; the watch: the valid rows")
+    if s.get("grpo_propose_cf"):
+        prompts += f"; the last {s['grpo_propose_cf']} beams of each group proposed by SASRec"
     out += ["", f"GRPO {s['grpo_steps']} steps ({prompts}); zero-variance groups {fmt_num(z * 100 if z is not None else None, 1)}%; "
             f"kept step {sel.get('selected_step')} of {sel.get('final_step')} by valid NDCG@10 "
             f"({sel.get('eval_rows')} rows):", "",

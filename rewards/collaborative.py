@@ -126,3 +126,34 @@ def cf_logp(prompts=None, completions=None, completion_ids=None, *, data_dir: st
         pos = int(torch.searchsorted(universe, item)) if item is not None else len(universe)
         out.append(float(logp[pos]) if pos < len(universe) and int(universe[pos]) == item else float(logp.min()))
     return out
+
+
+def sasrec_proposals(rows: list[dict], exclude: list[set[str]], n: int, data_dir: str,
+                     cache_dir: str | None = None) -> list[list[str]]:
+    """Per RL row (its ``extra_info`` names the user and position): the answer texts (SID strings) of the
+    ``n`` items that ``cf_logp``'s SASRec scores highest among the ranked items, skipping the texts in
+    ``exclude`` (the group's own beams). That SASRec saw no valid label, so the proposals are label-free:
+    the trainer's ``propose_cf`` puts them in a beam group beside the policy's own beams."""
+    with torch.enable_grad():  # the trainer asks from inside its no-grad rollout; a first call trains SASRec
+        scorer, sid_to_item, universe = _reward_model(str(Path(data_dir).resolve()), cache_dir, "valid")
+    text_of = {i: s for s, i in sid_to_item.items()}
+    keys = []
+    for r in rows:
+        info = r.get("extra_info") or {}
+        if "user_id" not in info or "position" not in info:
+            raise ValueError("propose_cf needs rows whose extra_info names user_id and position (the RL JSON's)")
+        keys.append({"user_id": int(info["user_id"]), "position": int(info["position"])})
+    with torch.no_grad():
+        scores = scorer.score_rows(keys)[:, universe]
+    order = scores.argsort(dim=1, descending=True)
+    out = []
+    for j, skip in enumerate(exclude):
+        picked: list[str] = []
+        for col in order[j].tolist():
+            text = text_of.get(int(universe[col]))
+            if text is not None and text not in skip:
+                picked.append(text)
+                if len(picked) == n:
+                    break
+        out.append(picked)
+    return out

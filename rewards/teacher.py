@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mimigenrec.decoding.answer_logps import answer_logps, answer_token_ids
 from rewards import completion_text
 
 
@@ -55,65 +56,15 @@ def _teacher_tuple(teachers: Sequence[str] | str | None) -> tuple[str, ...]:
     return out
 
 
-@torch.no_grad()
 def teacher_scores(prompts: list, completions: list, teachers: Sequence[str] | str | None) -> list[float]:
-    """Mean over the teachers of log p(completion + EOS | prompt), summed over the answer's tokens.
-
-    Each distinct prompt is prefilled once per teacher (a GRPO batch holds a few prompts, each with
-    its group of beams); its cache is then copied to its completions, which run as one short batch.
-    """
+    """Mean over the teachers of log p(completion + EOS | prompt), summed over the answer's tokens."""
     tok, models = teacher_models(_teacher_tuple(teachers))
-    index: dict[str, int] = {}
-    distinct = []
-    for p in prompts:
-        if repr(p) not in index:
-            index[repr(p)] = len(distinct)
-            distinct.append(p)
-    owner = torch.tensor([index[repr(p)] for p in prompts])
-    P, C = token_ids(tok, distinct, completions)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    p_ids, p_att = _padded(P, pad, left=True)      # prompts end at the last column
-    c_ids, c_att = _padded(C, pad, left=False)     # completions start at the first
-    p_pos = (p_att.cumsum(-1) - 1).clamp(min=0)
-    c_pos = p_att.sum(-1)[owner, None] + torch.arange(c_ids.shape[1])
-    att = torch.cat([p_att[owner], c_att], 1)
-    total = torch.zeros(len(C))
-    for m in models:
-        dev = m.device
-        out = m(input_ids=p_ids.to(dev), attention_mask=p_att.to(dev), position_ids=p_pos.to(dev),
-                use_cache=True, logits_to_keep=1)
-        first = out.logits[:, -1].float().log_softmax(-1).cpu()[owner]           # [N, V]: the answer's 1st token
-        cache = out.past_key_values
-        cache.reorder_cache(owner.to(dev))                                         # one prompt row per completion
-        rest = m(input_ids=c_ids.to(dev), attention_mask=att.to(dev), position_ids=c_pos.to(dev),
-                 past_key_values=cache, use_cache=False).logits[:, :-1].float().log_softmax(-1).cpu()
-        lp = torch.cat([first.gather(-1, c_ids[:, :1]), rest.gather(-1, c_ids[:, 1:, None])[..., 0]], 1)
-        total += (lp * c_att).sum(1)
-    return (total / len(models)).tolist()
+    return answer_logps(tok, models, prompts, [completion_text(c).strip() for c in completions])
 
 
 def token_ids(tok, prompts: list, completions: list) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of the prompts (chat template applied, as the trainer renders them) and of the
-    completions' answers + EOS."""
-    from trl.data_utils import maybe_apply_chat_template
-
-    P = [tok(maybe_apply_chat_template({"prompt": p}, tok)["prompt"], add_special_tokens=False).input_ids
-         for p in prompts]
-    C = [tok(completion_text(c).strip(), add_special_tokens=False).input_ids + [tok.eos_token_id]
-         for c in completions]
-    return P, C
-
-
-def _padded(rows: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, attention_mask)`` of token rows padded to one length, on the left or the right."""
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), pad)
-    att = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, r in enumerate(rows):
-        span = slice(L - len(r), L) if left else slice(0, len(r))
-        ids[i, span] = torch.tensor(r)
-        att[i, span] = 1
-    return ids, att
+    """Token ids of the prompts (chat template applied) and of the completions' answers + EOS."""
+    return answer_token_ids(tok, prompts, [completion_text(c).strip() for c in completions])
 
 
 def group_ranks(prompts: list, scores: list[float]) -> list[int]:

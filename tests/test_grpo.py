@@ -192,6 +192,35 @@ def test_teacher_kl_is_zero_for_its_own_teacher_and_trains_toward_another(world,
     assert [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
 
 
+def test_propose_cf_puts_sasrecs_best_items_beside_the_policys_beams_with_their_own_logps(world, tmp_path):
+    """propose_cf: a group's last beams give way to the items SASRec ranks highest among those its other
+    beams miss; each is scored with the policy's own log-prob, so teacher_kl with the policy as its only
+    teacher stays 0 on them too."""
+    from mimigenrec.io import BadInputError
+    from rewards.collaborative import sasrec_proposals
+
+    kw = {"rollout_mode": "beam", "rewards": ["teacher_kl"], "teachers": [str(world.model)]}
+    plain = make_trainer(world, tmp_path / "plain", **kw)
+    sid = [i for i, r in enumerate(plain.train_dataset) if r["extra_info"]["task"] == "sid_seq"][:3]
+    batch = group_batch(plain, sid)
+    plain.model.train()
+    before = decoded(plain, plain._generate_and_score_completions(batch))
+    trainer = make_trainer(world, tmp_path / "prop", propose_cf=2, **kw)
+    trainer.model.train()
+    texts = decoded(trainer, trainer._generate_and_score_completions(batch))
+    for g in range(0, len(batch), G):
+        kept = before[g:g + G - 2]
+        assert texts[g:g + G - 2] == kept                       # the policy's best beams stay
+        want = sasrec_proposals([batch[g]], [set(kept)], 2, str(world.data.root), str(tmp_path / "prop" / "out"))[0]
+        assert texts[g + G - 2:g + G] == want and len(set(texts[g:g + G])) == G
+    assert texts != before, "the proposals equal the policy's own last beams: the test shows nothing"
+    m = trainer._metrics["train"]
+    assert abs(m["rewards/teacher_kl/mean"][-1]) < 1e-4 and m["rewards/teacher_kl/std"][-1] < 1e-4
+    for bad in ({"rollout_mode": "sample"}, {"propose_cf": G}, {"inject_target": True}):
+        with pytest.raises(BadInputError, match="propose_cf"):
+            make_trainer(world, tmp_path / "bad", **{**kw, "propose_cf": 2, **bad})
+
+
 @pytest.mark.parametrize("mode", ["sample", "beam"])
 def test_inject_target_puts_the_target_in_every_group(world, tmp_path, mode):
     rewards = ["ndcg_rank"] if mode == "beam" else ["rule"]

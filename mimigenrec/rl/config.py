@@ -66,6 +66,12 @@ class RLConfig(GRPOConfig):
         default=False, metadata={"help": "When no rollout of a group is the row's target, replace the group's last "
                                          "rollout with it (every group then has a positive to rank above the model's "
                                          "own best wrong answers); share logged as injected_target."})
+    propose_cf: int = field(
+        default=0, metadata={"help": "rollout_mode beam: the last N beams of every group give way to the N items "
+                                     "cf_logp's SASRec (no valid label seen) ranks highest among those the group's "
+                                     "other beams miss; each keeps the policy's own log-prob, so teacher_kl scores "
+                                     "it like a beam. Label-free: lets distillation raise items the policy ranks "
+                                     "too low to reach its beams (0 = the policy's beams only)."})
     use_lora: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the full model."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -104,6 +110,10 @@ class RLConfig(GRPOConfig):
             raise BadInputError(f"rollout_mode must be 'sample' or 'beam', got {self.rollout_mode!r}")
         if not 0.0 <= self.heldout_prompts < 1.0:
             raise BadInputError(f"heldout_prompts must be in [0, 1), got {self.heldout_prompts}")
+        if self.propose_cf and (self.rollout_mode != "beam" or self.inject_target
+                                or not 0 < self.propose_cf < self.num_generations):
+            raise BadInputError(f"propose_cf: {self.propose_cf} needs rollout_mode: beam, inject_target: false and "
+                                f"0 < propose_cf < num_generations ({self.num_generations})")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
             raise BadInputError(f"reward_weights has {len(self.reward_weights)} values for {len(self.rewards)} rewards")
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +48,7 @@ from trl.data_utils import maybe_apply_chat_template
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
+from mimigenrec.decoding.answer_logps import answer_logps
 from mimigenrec.decoding.beam_search import constrained_beam_search
 from mimigenrec.decoding.trie import ItemTrie, TrieLogitsProcessor
 from mimigenrec.prompts import ITEM_REF_RE, item_ref, sid_string, split_sid
@@ -240,7 +241,9 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, answer_space: AnswerSpace | None = None, rollout_mode: str = "sample",
-                 constrained: bool = True, inject_target: bool = False, **kwargs) -> None:
+                 constrained: bool = True, inject_target: bool = False, propose: int = 0,
+                 proposer: Callable[[list[dict], list[set[str]], int], list[list[str]]] | None = None,
+                 **kwargs) -> None:
         grpo_args = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         if rollout_mode not in ROLLOUT_MODES:
             raise ValueError(f"rollout_mode must be one of {ROLLOUT_MODES}, got {rollout_mode!r}")
@@ -250,12 +253,16 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
             raise ValueError("rollout_mode: beam needs constrained: true (beams are ranked valid items)")
         if inject_target and not constrained:
             raise ValueError("inject_target needs constrained: true (the target must be a valid item)")
+        if propose and (rollout_mode != "beam" or inject_target or proposer is None):
+            raise ValueError("propose needs rollout_mode: beam, inject_target: false and a proposer (the last beams "
+                             "of a group give way to proposed items)")
         if grpo_args is not None and constrained:
             self._check_args(grpo_args, answer_space, rollout_mode)
         self.answer_space = answer_space
         self.rollout_mode = rollout_mode
         self.constrained = constrained
         self.inject_target = inject_target
+        self.propose, self.proposer = propose, proposer
         self.reward_history: list[tuple[int, float]] = []  # (global_step, mean train reward) per generation
         self._rows: list[dict] | None = None        # rows of the batch being generated
         self._rows_allowed: torch.Tensor | None = None
@@ -442,7 +449,37 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
         res = constrained_beam_search(model, input_ids[::G], attn[::G], trie, num_beams=G, allowed_items=allowed)
         self._beam_ranks = list(range(G)) * (n // G)
         self._beam_logps = res.scores.reshape(-1).tolist()
-        return res.sequences.reshape(n, -1)
+        seqs = res.sequences.reshape(n, -1)
+        return self._add_proposals(model, prompts, seqs, trie) if self.propose else seqs
+
+    def _add_proposals(self, model, prompts: list, seqs: torch.LongTensor, trie: ItemTrie) -> torch.LongTensor:
+        """The last ``propose`` beams of each group give way to the proposer's items that the group's other
+        beams miss (e.g. SASRec's best: items the policy ranks too low to reach its beams, where distillation
+        alone cannot move them). Each keeps the policy's own log-prob as its ``beam_logp``, so ``teacher_kl``
+        scores it as it scores a beam, and its slot's rank."""
+        G, N, tok, space = self.num_generations, self.propose, self.processing_class, self.answer_space
+        starts = range(0, seqs.shape[0], G)
+        if any((self._rows[g].get("extra_info") or {}).get("candidates") for g in starts):
+            raise ValueError("propose: the proposals come from the whole catalogue; rows with candidate lists "
+                             "(allowed items) cannot take them")
+        cols = trie.items_of(seqs)
+        keep = [{space.texts[int(c)] for c in cols[g:g + G - N].tolist()} for g in starts]
+        picked = self.proposer([self._rows[g] for g in starts], keep, N)
+        seqs = seqs.clone()
+        slots, texts = [], []
+        for g, group in zip(starts, picked):
+            if len(group) != N:
+                raise RuntimeError(f"the proposer returned {len(group)} items for a group, not propose={N}")
+            for k, text in enumerate(group):
+                ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+                i = g + G - N + k
+                seqs[i] = trie.pad_token_id
+                seqs[i, :len(ids)] = torch.tensor(ids, dtype=seqs.dtype, device=seqs.device)
+                slots.append(i)
+                texts.append(text)
+        for i, lp in zip(slots, answer_logps(tok, [model], [prompts[i] for i in slots], texts)):
+            self._beam_logps[i] = lp
+        return seqs
 
     def _vllm_rollouts(self, prompts: list):
         """TRL's vLLM generation (guided by the answer regex), re-tokenised to the canonical trie sequences."""

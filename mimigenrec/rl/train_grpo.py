@@ -10,6 +10,7 @@ the best held-out NDCG, see :mod:`mimigenrec.rl.reward_watch`), ``reward_watch.{
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -95,6 +96,7 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
     from mimigenrec.rl.grpo import AnswerSpace, ConstrainedGRPOTrainer, row_answer_kind
     from mimigenrec.rl.reward_watch import RewardWatch
     from rewards import LABEL_FREE_REWARDS, TEACHER_REWARDS, get_reward
+    from rewards.collaborative import sasrec_proposals
 
     if not cfg.model_name_or_path:
         raise BadInputError("model_name_or_path is required")
@@ -170,7 +172,9 @@ def build_trainer(cfg, callbacks: Sequence[Any] = ()):
         model=cfg.model_name_or_path, reward_funcs=reward_funcs, args=cfg,
         train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer, peft_config=peft_config,
         callbacks=list(callbacks), answer_space=space, rollout_mode=cfg.rollout_mode, constrained=cfg.constrained,
-        inject_target=cfg.inject_target,
+        inject_target=cfg.inject_target, propose=cfg.propose_cf,
+        proposer=functools.partial(sasrec_proposals, data_dir=cfg.data_dir, cache_dir=cfg.output_dir)
+        if cfg.propose_cf else None,
     )
     trainer.heldout_users = heldout
     if eval_rows and space is not None:
