@@ -10,8 +10,14 @@ answer log-probs. Printed, valid NDCG@10 / HR@10 / HR@50 with standard errors, f
 - ``raw@50`` / ``raw@B``: the evaluation's ranking at 50 beams and at ``--beams`` (beam-search
   pruning errors show as a difference);
 - ``level w``: the beams reordered by ``sum_l w_l * logp_l`` (the weight of each SID level);
+- ``pop beta``: the beams reordered by ``sum_l logp_l - beta * log(1 + popularity)``, popularity = the
+  item's train interactions (a logit adjustment against popularity bias: the LLM's top 10 is more
+  popular than SASRec's, ``mimigenrec.eval.strata``);
 - ``history``: how often the target is a history item, and how many of the top-10 slots go to
   history items (repeats), with the hit rate of those slots.
+
+``--mc_dropout K`` decodes with K dropout masks at once (the checkpoint K times in training mode, ranked
+as one by ``mimigenrec.models.ensemble.EnsembleLM``): a one-model ensemble.
 
 The settings are compared on the same rows; a reordering chosen here should be confirmed on a
 disjoint row set (``--seed``) before it is believed. One JSON line at the end.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -46,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=42, help="seed of the row subset (default: %(default)s)")
     p.add_argument("--beams", type=int, default=100, help="beams per row (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per batch (default: %(default)s)")
+    p.add_argument("--mc_dropout", type=int, default=0,
+                   help="decode with this many dropout masks averaged (0 = the model as evaluated; default: %(default)s)")
     a = p.parse_args(argv)
 
     import torch
@@ -55,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     from mimigenrec.decoding.beam_search import constrained_beam_search
 
     data, ranker = valid_ranker(a.data_dir, a.model, a.rows, a.seed, "beam_rerank")
+    if a.mc_dropout:
+        import copy
+
+        from mimigenrec.models.ensemble import EnsembleLM
+
+        torch.manual_seed(a.seed)
+        ranker.model = EnsembleLM([copy.deepcopy(ranker.model) for _ in range(a.mc_dropout)])
+        for m in ranker.model.members:
+            m.train()  # dropout on: each member draws its own masks
     rows = []
     with torch.no_grad():
         for b in tqdm(range(0, len(data.rows), a.batch_size), desc="beams", unit="batch"):
@@ -72,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     out[f"raw@{a.beams}"] = summarize(rows, lambda r, x: -x["rank"])
     for w in ([1, 1, 0.5], [1, 1, 0.75], [1, 0.75, 0.5], [0.75, 1, 1], [0.5, 1, 1], [1.25, 1, 1], [1, 1, 1.5]):
         out[f"level {w}"] = summarize(rows, lambda r, x, w=w: sum(wi * v for wi, v in zip(w, x["lp"])))
+    from collections import Counter
+
+    from mimigenrec.sequences import load_sequences
+
+    pop = Counter(it for _, _, it in load_sequences(a.data_dir)[1].interactions(("train",)))
+    for beta in (0.05, 0.1, 0.2, 0.3, 0.5):
+        out[f"pop beta {beta}"] = summarize(rows, lambda r, x, b=beta: sum(x["lp"]) - b * math.log1p(pop[x["item"]]))
     in_hist = [r["target"] in set(r["history"]) for r in rows]
     slots = [(b["item"] in set(r["history"]), b["item"] == r["target"]) for r in rows for b in r["beams"][:10]]
     rep = [hit for h, hit in slots if h]
