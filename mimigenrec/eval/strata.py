@@ -71,8 +71,9 @@ def strata(eval_dir: str | Path, metrics: Sequence[str] = ("hr@10", "ndcg@10"), 
     """Each method's ``metrics`` on the repeat rows and on each popularity group of the other rows, and the
     popularity of its top 10 (see the module doc). ``data_dir`` overrides the one the call recorded."""
     eval_dir = Path(eval_dir)
-    meta = read_json(eval_dir / "metrics.json").get("_meta", {})
-    methods = [m for m in read_json(eval_dir / "metrics.json") if m != "_meta"]
+    recorded = read_json(eval_dir / "metrics.json")
+    meta = recorded.get("_meta", {})
+    methods = [m for m in recorded if m != "_meta"]
     data_dir = data_dir or meta.get("data_dir")
     split = meta.get("split")
     if not data_dir or not split:
