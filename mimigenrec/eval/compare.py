@@ -17,16 +17,21 @@ from pathlib import Path
 from mimigenrec.eval.metrics import paired_bootstrap, per_row
 from mimigenrec.io import BadInputError, cli_errors, iter_records
 
-__all__ = ["compare", "main"]
+__all__ = ["compare", "main", "predictions"]
 
 
-def _rows(eval_dir: Path, method: str, metric: str) -> dict[str, float]:
+def predictions(eval_dir: Path, method: str) -> list[dict]:
+    """The prediction rows ``evaluate.sh`` wrote for ``method`` into ``eval_dir`` (missing: a clear error)."""
     from mimigenrec.eval.evaluate import pred_path
 
     path = pred_path(eval_dir, method)
     if not path.is_file():
         raise BadInputError(f"{path}: missing: evaluate {method!r} into {eval_dir} first")
-    return per_row([rec for _, rec in iter_records(path, strict=True)], metric)
+    return [rec for _, rec in iter_records(path, strict=True)]
+
+
+def _rows(eval_dir: Path, method: str, metric: str) -> dict[str, float]:
+    return per_row(predictions(eval_dir, method), metric)
 
 
 def compare(eval_dir: str | Path, base: str, new: str, metric: str = "ndcg@10", n_boot: int = 10000,

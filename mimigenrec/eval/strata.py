@@ -23,8 +23,9 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from mimigenrec.eval.compare import predictions
 from mimigenrec.eval.metrics import per_row
-from mimigenrec.io import BadInputError, cli_errors, iter_records, read_json
+from mimigenrec.io import BadInputError, cli_errors, read_json
 from mimigenrec.sequences import load_sequences, splits_before
 
 __all__ = ["main", "popularity_groups", "strata", "strata_table"]
@@ -57,15 +58,6 @@ def popularity_groups(counts: dict[str, int], groups: int) -> list[tuple[int, in
     return out
 
 
-def _predictions(eval_dir: Path, method: str) -> list[dict]:
-    from mimigenrec.eval.evaluate import pred_path
-
-    path = pred_path(eval_dir, method)
-    if not path.is_file():
-        raise BadInputError(f"{path}: missing: the methods of {eval_dir / 'metrics.json'} each write one")
-    return [rec for _, rec in iter_records(path, strict=True)]
-
-
 def strata(eval_dir: str | Path, metrics: Sequence[str] = ("hr@10", "ndcg@10"), groups: int = 4,
            data_dir: str | Path | None = None) -> dict:
     """Each method's ``metrics`` on the repeat rows and on each popularity group of the other rows, and the
@@ -80,7 +72,7 @@ def strata(eval_dir: str | Path, metrics: Sequence[str] = ("hr@10", "ndcg@10"), 
         raise BadInputError(f"{eval_dir / 'metrics.json'}: _meta lacks data_dir / split: give --data_dir")
     _, seqs = load_sequences(data_dir)
     pop = Counter(item for _, _, item in seqs.interactions(splits_before(split)))
-    preds = {m: _predictions(eval_dir, m) for m in methods}
+    preds = {m: predictions(eval_dir, m) for m in methods}
     values = {m: {k: per_row(preds[m], k) for k in metrics} for m in methods}
     rows = {f"{int(p['user_id'])}:{int(p['position'])}": p for p in preds[methods[0]]}
     for m in methods[1:]:
@@ -88,7 +80,8 @@ def strata(eval_dir: str | Path, metrics: Sequence[str] = ("hr@10", "ndcg@10"), 
             raise BadInputError(f"{eval_dir}: {methods[0]} and {m} were scored on different rows: "
                                 "evaluate them in one call")
     repeat = [k for k, p in rows.items() if p["target"] in set(seqs.prefix(p["user_id"], p["position"]))]
-    rest = {k: pop[p["target"]] for k, p in rows.items() if k not in set(repeat)}
+    repeats = set(repeat)
+    rest = {k: pop[p["target"]] for k, p in rows.items() if k not in repeats}
 
     def group(name: str, keys: list[str], lo: int | None = None, hi: int | None = None) -> dict:
         return {"name": name, "rows": len(keys), "popularity": None if lo is None else [lo, hi],

@@ -387,22 +387,27 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
         against the model's own best wrong answers (in beam mode: its top beams); the share of
         groups that needed it is logged as ``injected_target``.
         """
-        G, tok, space = self.num_generations, self.processing_class, self.answer_space
+        G, space = self.num_generations, self.answer_space
         seqs = seqs.clone()
         injected = 0
         for g in range(0, seqs.shape[0], G):
             col = space.target_col(self._rows[g])
             if col is None or bool((items[g:g + G] == col).any()):
                 continue
-            ids = tok(space.texts[col], add_special_tokens=False).input_ids + [tok.eos_token_id]
-            seqs[g + G - 1] = self.answer_space.trie.pad_token_id
-            seqs[g + G - 1, :len(ids)] = torch.tensor(ids, dtype=seqs.dtype, device=seqs.device)
+            self._put_answer(seqs, g + G - 1, space.texts[col])
             if self._beam_logps is not None:  # not among the beams: its log-prob is at most the lowest beam's
                 self._beam_logps[g + G - 1] = min(self._beam_logps[g:g + G])
             injected += 1
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["injected_target"].append(injected / max(1, seqs.shape[0] // G))
         return seqs
+
+    def _put_answer(self, seqs: torch.LongTensor, i: int, text: str) -> None:
+        """Rollout row ``i`` becomes the answer ``text`` + EOS, padded (the trie's canonical tokens)."""
+        tok, trie = self.processing_class, self.answer_space.trie
+        ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        seqs[i] = trie.pad_token_id
+        seqs[i, :len(ids)] = torch.tensor(ids, dtype=seqs.dtype, device=seqs.device)
 
     def _fsdp_full_params(self):
         if not self.is_fsdp_enabled:
@@ -471,10 +476,8 @@ class ConstrainedGRPOTrainer(GRPOTrainer):
             if len(group) != N:
                 raise RuntimeError(f"the proposer returned {len(group)} items for a group, not propose={N}")
             for k, text in enumerate(group):
-                ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
                 i = g + G - N + k
-                seqs[i] = trie.pad_token_id
-                seqs[i, :len(ids)] = torch.tensor(ids, dtype=seqs.dtype, device=seqs.device)
+                self._put_answer(seqs, i, text)
                 slots.append(i)
                 texts.append(text)
         for i, lp in zip(slots, answer_logps(tok, [model], [prompts[i] for i in slots], texts)):
